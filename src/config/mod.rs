@@ -1,0 +1,251 @@
+//! Configuration: the TOML file, validated into plain typed values.
+//!
+//! `load.rs` reads a file and turns every problem into a [`ConfigError`] with
+//! file:line:column and the key path; `schema.rs` walks the spanned TOML
+//! document and `validate.rs` checks values and references. The types in
+//! this file are the validated result: everything downstream (the snapshot
+//! builder in `state.rs`, the listeners, the upstreams) reads only these.
+
+mod load;
+mod schema;
+mod validate;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+pub use load::{from_str, load_file};
+
+/// One validated configuration file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from and a stable hash of its text (for /status).
+    pub source: ConfigSource,
+    pub runtime: RuntimeConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// FNV-1a 64 of the file's bytes, as 16 lower-case hex digits.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; 0 means one per CPU.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token required for /status when set.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    pub drain_delay: Duration,
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: ListenerProtocol,
+    /// Default upstream when no route matches.
+    pub upstream: Option<String>,
+    pub max_connections: usize,
+    pub trusted_proxies: Vec<Cidr>,
+    pub timeouts: ListenerTimeouts,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTimeouts {
+    /// Time allowed for a request head to arrive once its first byte is read.
+    pub client_header: Duration,
+    /// Time a keep-alive connection may sit with no request in progress.
+    pub idle: Duration,
+}
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` lies in this network (an IPv4-mapped IPv6 address is
+    /// compared as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix_len.min(32));
+                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix_len.min(128));
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Host part of a route: exact (`api.example.com`) or a wildcard suffix
+/// (`*.example.com`, stored as `.example.com`). Both lower case, no port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: Option<HostMatch>,
+    pub path_prefix: Option<String>,
+    /// All must be present with exactly these values.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub target: RouteTarget,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteTarget {
+    Upstream(String),
+    /// Weighted split across upstreams; weights are > 0.
+    Split(Vec<(String, u32)>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalancerKind {
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge.
+    H2,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balancer: BalancerKind,
+    pub backends: Vec<BackendConfig>,
+    pub protocol: UpstreamProtocol,
+    /// Requests in flight across the whole upstream; 0 = unlimited.
+    pub max_in_flight: usize,
+    pub pool: PoolConfig,
+    pub timeouts: UpstreamTimeouts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// As written in the file, normalised to `host:port` (the metric label).
+    pub address: String,
+    /// What `address` resolved to when the file was loaded.
+    pub socket_addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_idle_per_backend: usize,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamTimeouts {
+    pub connect: Duration,
+    /// The whole request, from pick to the end of the response head.
+    pub request: Duration,
+    /// One attempt (bounded by what is left of `request`).
+    pub per_try: Duration,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; 0 when the problem has no place in the file (unreadable file).
+    pub line: usize,
+    pub column: usize,
+    /// Key path such as `upstream[1].backends[2]`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        } else {
+            write!(f, "{}: ", self.file)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in one file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

@@ -1,0 +1,4 @@
+//! Sluice: an L4/L7 reverse-proxy load balancer.
+#![forbid(unsafe_code)]
+
+pub mod config;
