@@ -10,6 +10,9 @@ mod load;
 mod schema;
 mod validate;
 
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -115,12 +118,20 @@ impl Cidr {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let bits = u32::from(self.prefix_len.min(32));
-                let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 let bits = u32::from(self.prefix_len.min(128));
-                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,

@@ -1,0 +1,1076 @@
+//! From the spanned TOML document to a validated [`Config`].
+//!
+//! Each section has one function that reads its keys through
+//! [`TableReader`] (`schema.rs`), checks each value, fills in defaults and
+//! checks references (listener and route → upstream). Every problem goes
+//! into [`Problems`] and the walk goes on, so one run reports them all;
+//! `load.rs` turns them into file:line:column errors.
+//!
+//! Keys whose feature is not built yet are rejected here with "not
+//! supported yet", never accepted and ignored.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use serde_spanned::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::schema::{
+    did_you_mean, expect_str, expect_table, join_index, Problems, TableReader, Value,
+};
+use super::{
+    AdminConfig, BackendConfig, BalancerKind, Cidr, Config, ConfigSource, HostMatch,
+    ListenerConfig, ListenerProtocol, ListenerTimeouts, LogConfig, LogFormat, PoolConfig,
+    RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig, UpstreamProtocol,
+    UpstreamTimeouts,
+};
+
+const ROOT_KEYS: &[&str] = &[
+    "runtime", "admin", "log", "shutdown", "listener", "upstream",
+];
+const RUNTIME_KEYS: &[&str] = &["workers"];
+const ADMIN_KEYS: &[&str] = &["listen", "token"];
+const LOG_KEYS: &[&str] = &["format", "access_log"];
+const SHUTDOWN_KEYS: &[&str] = &["drain_delay", "grace"];
+
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "protocol",
+    "upstream",
+    "max_connections",
+    "proxy_protocol",
+    "trusted_proxies",
+    "timeouts",
+    "tls_passthrough",
+    "route",
+];
+const LISTENER_UNSUPPORTED: &[&str] = &["tls"];
+const LISTENER_TIMEOUT_KEYS: &[&str] = &["client_header", "idle"];
+
+const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "headers", "upstream", "split"];
+const ROUTE_UNSUPPORTED: &[&str] = &["sni"];
+const SPLIT_KEYS: &[&str] = &["upstream", "weight"];
+
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "balancer",
+    "backends",
+    "protocol",
+    "max_in_flight",
+    "max_in_flight_per_backend",
+    "slow_start",
+    "pool",
+    "timeouts",
+];
+const UPSTREAM_UNSUPPORTED: &[&str] = &[
+    "hash_key",
+    "hash",
+    "discovery",
+    "retry",
+    "health_check",
+    "circuit_breaker",
+    "tls",
+];
+const BACKEND_KEYS: &[&str] = &["address", "weight"];
+const POOL_KEYS: &[&str] = &["max_idle_per_backend", "idle_timeout"];
+const UPSTREAM_TIMEOUT_KEYS: &[&str] = &["connect", "request", "per_try"];
+
+/// Every key that can be written without an error, per table (for the
+/// test that the example file shows them all).
+#[cfg(test)]
+pub(super) const ACCEPTED_KEYS: &[&[&str]] = &[
+    ROOT_KEYS,
+    RUNTIME_KEYS,
+    ADMIN_KEYS,
+    LOG_KEYS,
+    SHUTDOWN_KEYS,
+    LISTENER_KEYS,
+    LISTENER_TIMEOUT_KEYS,
+    ROUTE_KEYS,
+    SPLIT_KEYS,
+    UPSTREAM_KEYS,
+    BACKEND_KEYS,
+    POOL_KEYS,
+    UPSTREAM_TIMEOUT_KEYS,
+];
+
+const DURATION_HINT: &str = "expected a duration string with a unit, like \"5s\"";
+
+/// Validates the whole document. Returns `None` when a required part is
+/// missing or broken; every reason is in `problems`, which may also hold
+/// problems when `Some` is returned (the caller must check it).
+pub(super) fn config(
+    root: &Spanned<DeTable<'_>>,
+    source: ConfigSource,
+    problems: &mut Problems,
+) -> Option<Config> {
+    let root = TableReader::root(root);
+    root.reject_unknown_keys(problems, ROOT_KEYS, &[]);
+
+    let runtime = runtime(&root.section(problems, "runtime"), problems);
+    let admin = admin(&root.section(problems, "admin"), problems);
+    let log = log(&root.section(problems, "log"), problems);
+    let shutdown = shutdown(&root.section(problems, "shutdown"), problems);
+
+    let upstream_tables = required_tables(&root, problems, "upstream");
+    reject_duplicate_names(&upstream_tables, "upstream", problems);
+    let known = known_names(&upstream_tables);
+    let upstreams: Vec<Option<UpstreamConfig>> = upstream_tables
+        .iter()
+        .map(|t| upstream(t, problems))
+        .collect();
+
+    let listener_tables = required_tables(&root, problems, "listener");
+    reject_duplicate_names(&listener_tables, "listener", problems);
+    let listeners: Vec<Option<ListenerConfig>> = listener_tables
+        .iter()
+        .map(|t| listener(t, &known, problems))
+        .collect();
+
+    Some(Config {
+        source,
+        runtime,
+        admin,
+        log,
+        shutdown,
+        listeners: listeners.into_iter().collect::<Option<_>>()?,
+        upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Global sections
+
+fn runtime(t: &TableReader<'_, '_>, problems: &mut Problems) -> RuntimeConfig {
+    t.reject_unknown_keys(problems, RUNTIME_KEYS, &[]);
+    RuntimeConfig {
+        workers: count(t, problems, "workers", 0, 0),
+    }
+}
+
+fn admin(t: &TableReader<'_, '_>, problems: &mut Problems) -> AdminConfig {
+    t.reject_unknown_keys(problems, ADMIN_KEYS, &[]);
+    let default_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 9901));
+    let listen = t
+        .str(problems, "listen")
+        .and_then(|s| ip_socket_addr(problems, &s, &t.key_path("listen")))
+        .unwrap_or(default_listen);
+    let token = t.str(problems, "token").and_then(|s| {
+        if s.get_ref().is_empty() {
+            problems.push(
+                s.span(),
+                &t.key_path("token"),
+                "must not be empty (remove the key to turn the token off)",
+            );
+            None
+        } else {
+            Some(s.get_ref().to_string())
+        }
+    });
+    AdminConfig { listen, token }
+}
+
+fn log(t: &TableReader<'_, '_>, problems: &mut Problems) -> LogConfig {
+    t.reject_unknown_keys(problems, LOG_KEYS, &[]);
+    let format = match choice(t, problems, "format", &["text", "json"], &[]) {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    // Off unless asked for, as in HAProxy and Envoy: a busy proxy's access
+    // log is a volume decision the operator should make.
+    let access_log = flag(t, problems, "access_log");
+    LogConfig { format, access_log }
+}
+
+fn shutdown(t: &TableReader<'_, '_>, problems: &mut Problems) -> ShutdownConfig {
+    t.reject_unknown_keys(problems, SHUTDOWN_KEYS, &[]);
+    ShutdownConfig {
+        drain_delay: duration(t, problems, "drain_delay", Duration::ZERO),
+        grace: duration(t, problems, "grace", Duration::from_secs(30)),
+    }
+}
+
+/// The tables of `[[key]]`, reporting when there are none.
+fn required_tables<'a, 'i>(
+    root: &TableReader<'a, 'i>,
+    problems: &mut Problems,
+    key: &str,
+) -> Vec<TableReader<'a, 'i>> {
+    match root.get(key) {
+        None => {
+            problems.push(
+                root.span(),
+                "",
+                format!("missing [[{key}]]: at least one {key} is required"),
+            );
+            Vec::new()
+        }
+        Some(value) => {
+            match value.get_ref() {
+                DeValue::Table(_) => {
+                    problems.push(
+                    value.span(),
+                    key,
+                    format!("expected an array of tables ([[{key}]]), found a single table ([{key}])"),
+                );
+                    Vec::new()
+                }
+                DeValue::Array(array) if array.is_empty() => {
+                    problems.push(value.span(), key, format!("at least one {key} is required"));
+                    Vec::new()
+                }
+                _ => root.tables(problems, key),
+            }
+        }
+    }
+}
+
+/// The sorted names of the given tables, as far as they are readable, for
+/// reference checks and hints.
+fn known_names(tables: &[TableReader<'_, '_>]) -> Vec<String> {
+    let mut names: Vec<String> = tables
+        .iter()
+        .filter_map(|t| t.get("name"))
+        .filter_map(|v| v.get_ref().as_str())
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn reject_duplicate_names(tables: &[TableReader<'_, '_>], kind: &str, problems: &mut Problems) {
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for t in tables {
+        let Some(value) = t.get("name") else {
+            continue;
+        };
+        let Some(name) = value.get_ref().as_str() else {
+            continue;
+        };
+        if let Some((_, first)) = seen.iter().find(|(seen, _)| *seen == name) {
+            problems.push(
+                value.span(),
+                &t.key_path("name"),
+                format!("duplicate {kind} name {name:?} (already used by {first})"),
+            );
+        } else {
+            seen.push((name, t.path()));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Listeners and routes
+
+fn listener(
+    t: &TableReader<'_, '_>,
+    known: &[String],
+    problems: &mut Problems,
+) -> Option<ListenerConfig> {
+    t.reject_unknown_keys(problems, LISTENER_KEYS, LISTENER_UNSUPPORTED);
+    t.reject_unsupported(problems, "tls");
+
+    let name = name(t, problems);
+    let listen = t
+        .required_str(problems, "listen")
+        .and_then(|s| ip_socket_addr(problems, &s, &t.key_path("listen")));
+    let protocol = match choice(t, problems, "protocol", &["http"], &["tcp"]) {
+        Some("tcp") => ListenerProtocol::Tcp,
+        _ => ListenerProtocol::Http,
+    };
+    let upstream = t
+        .str(problems, "upstream")
+        .and_then(|s| upstream_ref(problems, &s, &t.key_path("upstream"), known));
+    let max_connections = count(t, problems, "max_connections", 1, 10_000);
+    reject_true(t, problems, "proxy_protocol");
+    reject_true(t, problems, "tls_passthrough");
+    let trusted_proxies = trusted_proxies(t, problems);
+
+    let timeouts_table = t.section(problems, "timeouts");
+    timeouts_table.reject_unknown_keys(problems, LISTENER_TIMEOUT_KEYS, &[]);
+    let timeouts = ListenerTimeouts {
+        client_header: positive_duration(
+            &timeouts_table,
+            problems,
+            "client_header",
+            Duration::from_secs(10),
+        ),
+        idle: positive_duration(&timeouts_table, problems, "idle", Duration::from_secs(60)),
+    };
+
+    let route_tables = t.tables(problems, "route");
+    let routes: Vec<Option<RouteConfig>> = route_tables
+        .iter()
+        .map(|route| route_config(route, known, problems))
+        .collect();
+
+    let is_http = t
+        .get("protocol")
+        .is_none_or(|p| p.get_ref().as_str() == Some("http"));
+    if is_http && t.get("upstream").is_none() && route_tables.is_empty() {
+        problems.push(
+            t.span(),
+            t.path(),
+            "an http listener needs an upstream or at least one route",
+        );
+    }
+
+    Some(ListenerConfig {
+        name: name?,
+        listen: listen?,
+        protocol,
+        upstream,
+        max_connections,
+        trusted_proxies,
+        timeouts,
+        routes: routes.into_iter().collect::<Option<_>>()?,
+    })
+}
+
+fn trusted_proxies(t: &TableReader<'_, '_>, problems: &mut Problems) -> Vec<Cidr> {
+    let Some(array) = t.array(problems, "trusted_proxies") else {
+        return Vec::new();
+    };
+    let path = t.key_path("trusted_proxies");
+    let mut cidrs = Vec::new();
+    for (i, item) in array.iter().enumerate() {
+        let item_path = join_index(&path, i);
+        let Some(text) = expect_str(problems, item, &item_path) else {
+            continue;
+        };
+        match parse_cidr(text) {
+            Ok(cidr) => cidrs.push(cidr),
+            Err(why) => problems.push(
+                item.span(),
+                &item_path,
+                format!("{text:?} is not a cidr like \"10.0.0.0/8\" or \"::1/128\" ({why})"),
+            ),
+        }
+    }
+    cidrs
+}
+
+fn route_config(
+    t: &TableReader<'_, '_>,
+    known: &[String],
+    problems: &mut Problems,
+) -> Option<RouteConfig> {
+    t.reject_unknown_keys(problems, ROUTE_KEYS, ROUTE_UNSUPPORTED);
+    t.reject_unsupported(problems, "sni");
+
+    let host = t
+        .str(problems, "host")
+        .and_then(|s| match parse_host_match(s.get_ref()) {
+            Ok(host) => Some(host),
+            Err(why) => {
+                problems.push(
+                    s.span(),
+                    &t.key_path("host"),
+                    format!("{:?} is not a valid route host ({why})", s.get_ref()),
+                );
+                None
+            }
+        });
+    let path_prefix = t.str(problems, "path_prefix").and_then(|s| {
+        if s.get_ref().starts_with('/') {
+            Some(s.get_ref().to_string())
+        } else {
+            problems.push(
+                s.span(),
+                &t.key_path("path_prefix"),
+                format!("{:?} must start with \"/\"", s.get_ref()),
+            );
+            None
+        }
+    });
+    let headers = route_headers(t, problems);
+
+    let target = match (t.get("upstream"), t.get("split")) {
+        (Some(_), Some(_)) => {
+            let span = t.key_span("split").unwrap_or_else(|| t.span());
+            problems.push(span, t.path(), "set either upstream or split, not both");
+            None
+        }
+        (None, None) => {
+            problems.push(t.span(), t.path(), "a route needs an upstream or a split");
+            None
+        }
+        (Some(_), None) => t
+            .str(problems, "upstream")
+            .and_then(|s| upstream_ref(problems, &s, &t.key_path("upstream"), known))
+            .map(RouteTarget::Upstream),
+        (None, Some(_)) => split(t, known, problems).map(RouteTarget::Split),
+    };
+
+    Some(RouteConfig {
+        host,
+        path_prefix,
+        headers,
+        target: target?,
+    })
+}
+
+fn route_headers(
+    t: &TableReader<'_, '_>,
+    problems: &mut Problems,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let Some(table) = t.table(problems, "headers") else {
+        return Vec::new();
+    };
+    let mut headers = Vec::new();
+    for (key, value) in table.entries() {
+        let path = table.key_path(key);
+        let name = match HeaderName::from_bytes(key.to_ascii_lowercase().as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                let span = table.key_span(key).unwrap_or_else(|| value.span());
+                problems.push(span, &path, format!("{key:?} is not a valid header name"));
+                None
+            }
+        };
+        let value =
+            expect_str(problems, value, &path).and_then(|text| match HeaderValue::from_str(text) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    problems.push(
+                        value.span(),
+                        &path,
+                        format!("{text:?} is not a valid header value (visible ascii only)"),
+                    );
+                    None
+                }
+            });
+        if let (Some(name), Some(value)) = (name, value) {
+            headers.push((name, value));
+        }
+    }
+    headers
+}
+
+fn split(
+    t: &TableReader<'_, '_>,
+    known: &[String],
+    problems: &mut Problems,
+) -> Option<Vec<(String, u32)>> {
+    let value = t.get("split")?;
+    let array = t.array(problems, "split")?;
+    if array.is_empty() {
+        problems.push(
+            value.span(),
+            &t.key_path("split"),
+            "must list at least one { upstream, weight }",
+        );
+        return None;
+    }
+    let mut targets = Vec::new();
+    let mut complete = true;
+    for (i, item) in array.iter().enumerate() {
+        let Some(entry) = expect_table(problems, item, join_index(&t.key_path("split"), i)) else {
+            complete = false;
+            continue;
+        };
+        entry.reject_unknown_keys(problems, SPLIT_KEYS, &[]);
+        let upstream = entry
+            .required_str(problems, "upstream")
+            .and_then(|s| upstream_ref(problems, &s, &entry.key_path("upstream"), known));
+        let weight = if entry.get("weight").is_none() {
+            entry.missing(problems, "weight");
+            None
+        } else {
+            Some(int_in(&entry, problems, "weight", 1..=1_000_000, 1))
+        };
+        match (upstream, weight) {
+            (Some(upstream), Some(weight)) => targets.push((upstream, to_u32(weight))),
+            _ => complete = false,
+        }
+    }
+    complete.then_some(targets)
+}
+
+// ---------------------------------------------------------------------------
+// Upstreams and backends
+
+fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<UpstreamConfig> {
+    t.reject_unknown_keys(problems, UPSTREAM_KEYS, UPSTREAM_UNSUPPORTED);
+    for key in UPSTREAM_UNSUPPORTED {
+        t.reject_unsupported(problems, key);
+    }
+
+    let name = name(t, problems);
+    // Only round_robin is built; the others are in SPEC and will come.
+    choice(
+        t,
+        problems,
+        "balancer",
+        &["round_robin"],
+        &["least_conn", "p2c", "consistent_hash", "random"],
+    );
+    let balancer = BalancerKind::RoundRobin;
+    let backends = backends(t, problems);
+    // "auto" picks h2 or http1 by ALPN, which needs upstream tls.
+    let protocol = match choice(t, problems, "protocol", &["http1", "h2"], &["auto"]) {
+        Some("h2") => UpstreamProtocol::H2,
+        _ => UpstreamProtocol::Http1,
+    };
+    let max_in_flight = count(t, problems, "max_in_flight", 0, 1000);
+    if count(t, problems, "max_in_flight_per_backend", 0, 0) != 0 {
+        let span = t
+            .get("max_in_flight_per_backend")
+            .map(|v| v.span())
+            .unwrap_or_else(|| t.span());
+        problems.push(
+            span,
+            &t.key_path("max_in_flight_per_backend"),
+            "a per-backend limit is not supported yet (allowed: 0)",
+        );
+    }
+    if !duration(t, problems, "slow_start", Duration::ZERO).is_zero() {
+        let span = t
+            .get("slow_start")
+            .map(|v| v.span())
+            .unwrap_or_else(|| t.span());
+        problems.push(
+            span,
+            &t.key_path("slow_start"),
+            "slow start is not supported yet (allowed: \"0s\")",
+        );
+    }
+
+    let pool_table = t.section(problems, "pool");
+    pool_table.reject_unknown_keys(problems, POOL_KEYS, &[]);
+    let pool = PoolConfig {
+        max_idle_per_backend: count(&pool_table, problems, "max_idle_per_backend", 0, 64),
+        idle_timeout: duration(
+            &pool_table,
+            problems,
+            "idle_timeout",
+            Duration::from_secs(90),
+        ),
+    };
+
+    let timeouts_table = t.section(problems, "timeouts");
+    timeouts_table.reject_unknown_keys(problems, UPSTREAM_TIMEOUT_KEYS, &[]);
+    let timeouts = UpstreamTimeouts {
+        connect: positive_duration(&timeouts_table, problems, "connect", Duration::from_secs(1)),
+        request: positive_duration(
+            &timeouts_table,
+            problems,
+            "request",
+            Duration::from_secs(30),
+        ),
+        per_try: positive_duration(
+            &timeouts_table,
+            problems,
+            "per_try",
+            Duration::from_secs(10),
+        ),
+    };
+
+    Some(UpstreamConfig {
+        name: name?,
+        balancer,
+        backends: backends?,
+        protocol,
+        max_in_flight,
+        pool,
+        timeouts,
+    })
+}
+
+fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<BackendConfig>> {
+    let Some(value) = t.get("backends") else {
+        t.missing(problems, "backends");
+        return None;
+    };
+    let array = t.array(problems, "backends")?;
+    let path = t.key_path("backends");
+    if array.is_empty() {
+        problems.push(value.span(), &path, "must list at least one backend");
+        return None;
+    }
+    let mut backends: Vec<(usize, BackendConfig)> = Vec::new();
+    let mut complete = true;
+    for (i, item) in array.iter().enumerate() {
+        let item_path = join_index(&path, i);
+        let Some((backend, span, address_path)) = backend(item, &item_path, problems) else {
+            complete = false;
+            continue;
+        };
+        if let Some((first, _)) = backends.iter().find(|(_, b)| b.address == backend.address) {
+            problems.push(
+                span,
+                &address_path,
+                format!(
+                    "duplicate backend {:?} (same as backends[{first}])",
+                    backend.address
+                ),
+            );
+            complete = false;
+            continue;
+        }
+        backends.push((i, backend));
+    }
+    complete.then(|| backends.into_iter().map(|(_, b)| b).collect())
+}
+
+/// One backend, either `"host:port"` or `{ address = "host:port", weight = 3 }`.
+/// Also returns where its address was written and that address's key path.
+fn backend(
+    item: &Value<'_>,
+    path: &str,
+    problems: &mut Problems,
+) -> Option<(BackendConfig, std::ops::Range<usize>, String)> {
+    match item.get_ref() {
+        DeValue::String(address) => {
+            let (address, socket_addr) = resolve_backend(problems, address, item.span(), path)?;
+            let backend = BackendConfig {
+                address,
+                socket_addr,
+                weight: 1,
+            };
+            Some((backend, item.span(), path.to_owned()))
+        }
+        DeValue::Table(_) => {
+            let t = expect_table(problems, item, path.to_owned())?;
+            t.reject_unknown_keys(problems, BACKEND_KEYS, &[]);
+            let weight = to_u32(int_in(&t, problems, "weight", 1..=10_000, 1));
+            let address = t.required_str(problems, "address")?;
+            let address_path = t.key_path("address");
+            let (label, socket_addr) =
+                resolve_backend(problems, address.get_ref(), address.span(), &address_path)?;
+            let backend = BackendConfig {
+                address: label,
+                socket_addr,
+                weight,
+            };
+            Some((backend, address.span(), address_path))
+        }
+        other => {
+            problems.push(
+                item.span(),
+                path,
+                format!(
+                    "expected a \"host:port\" string or a table {{ address, weight }}, found {}",
+                    other.type_str()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Checks `host:port` and resolves it: the normalised label and the address
+/// to connect to (the first IPv4 result when there is one).
+fn resolve_backend(
+    problems: &mut Problems,
+    text: &str,
+    span: std::ops::Range<usize>,
+    path: &str,
+) -> Option<(String, SocketAddr)> {
+    let (host, port) = match split_host_port(text) {
+        Ok((_, 0)) => Err("port 0 is not allowed"),
+        other => other,
+    }
+    .map_err(|why| {
+        problems.push(
+            span.clone(),
+            path,
+            format!("{text:?} is not host:port ({why})"),
+        );
+    })
+    .ok()?;
+    match host {
+        Host::Ip(ip) => {
+            let addr = SocketAddr::new(ip, port);
+            Some((addr.to_string(), addr))
+        }
+        Host::Name(name) => {
+            let resolved: Vec<SocketAddr> = match (name.as_str(), port).to_socket_addrs() {
+                Ok(addrs) => addrs.collect(),
+                Err(e) => {
+                    problems.push(span, path, format!("cannot resolve {name:?}: {e}"));
+                    return None;
+                }
+            };
+            let preferred = resolved
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or_else(|| resolved.first());
+            match preferred {
+                Some(addr) => Some((format!("{name}:{port}"), *addr)),
+                None => {
+                    problems.push(span, path, format!("cannot resolve {name:?}: no addresses"));
+                    None
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Value helpers
+
+/// A listener or upstream name: required, `[A-Za-z0-9_.-]+`.
+fn name(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<String> {
+    let name = t.required_str(problems, "name")?;
+    let text = *name.get_ref();
+    let is_valid = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if is_valid {
+        Some(text.to_owned())
+    } else {
+        problems.push(
+            name.span(),
+            &t.key_path("name"),
+            format!("{text:?} is not a valid name (allowed: letters, digits, \"_\", \".\", \"-\")"),
+        );
+        None
+    }
+}
+
+/// Checks a reference to an upstream by name.
+fn upstream_ref(
+    problems: &mut Problems,
+    name: &Spanned<&str>,
+    path: &str,
+    known: &[String],
+) -> Option<String> {
+    let text = *name.get_ref();
+    if known.iter().any(|k| k == text) {
+        return Some(text.to_owned());
+    }
+    let mut message = if known.is_empty() {
+        format!("unknown upstream {text:?} (no upstream is defined)")
+    } else {
+        format!("unknown upstream {text:?} (known: {})", known.join(", "))
+    };
+    if let Some(hint) = did_you_mean(text, known.iter().map(String::as_str)) {
+        message.push_str(&format!("; did you mean {hint:?}?"));
+    }
+    problems.push(name.span(), path, message);
+    None
+}
+
+/// A string from a fixed set. Values in `unsupported` are known but not
+/// built yet; they and unknown values are reported, and give `None`.
+fn choice<'a>(
+    t: &TableReader<'a, '_>,
+    problems: &mut Problems,
+    key: &str,
+    allowed: &[&'static str],
+    unsupported: &[&'static str],
+) -> Option<&'static str> {
+    let value = t.str(problems, key)?;
+    let text = *value.get_ref();
+    if let Some(known) = allowed.iter().find(|a| **a == text) {
+        return Some(known);
+    }
+    let allowed_list = allowed.join(", ");
+    let message = if unsupported.contains(&text) {
+        format!("{key} {text:?} is not supported yet (allowed: {allowed_list})")
+    } else {
+        let mut message = format!("unknown {key} {text:?} (allowed: {allowed_list})");
+        let candidates = allowed.iter().chain(unsupported).copied();
+        if let Some(hint) = did_you_mean(text, candidates) {
+            message.push_str(&format!("; did you mean {hint:?}?"));
+        }
+        message
+    };
+    problems.push(value.span(), &t.key_path(key), message);
+    None
+}
+
+/// A boolean that defaults to false.
+fn flag(t: &TableReader<'_, '_>, problems: &mut Problems, key: &str) -> bool {
+    t.bool(problems, key).is_some_and(|b| *b.get_ref())
+}
+
+/// A boolean whose `true` needs a feature that is not built yet.
+fn reject_true(t: &TableReader<'_, '_>, problems: &mut Problems, key: &str) {
+    if let Some(value) = t.bool(problems, key) {
+        if *value.get_ref() {
+            problems.push(
+                value.span(),
+                &t.key_path(key),
+                format!("{key} = true is not supported yet (allowed: false)"),
+            );
+        }
+    }
+}
+
+/// An integer in `range`, or `default` when absent or invalid.
+fn int_in(
+    t: &TableReader<'_, '_>,
+    problems: &mut Problems,
+    key: &str,
+    range: RangeInclusive<i64>,
+    default: i64,
+) -> i64 {
+    let Some(value) = t.int(problems, key) else {
+        return default;
+    };
+    let n = *value.get_ref();
+    if range.contains(&n) {
+        return n;
+    }
+    let message = if *range.end() == i64::MAX {
+        format!("must be at least {}, found {n}", range.start())
+    } else {
+        format!(
+            "must be between {} and {}, found {n}",
+            range.start(),
+            range.end()
+        )
+    };
+    problems.push(value.span(), &t.key_path(key), message);
+    default
+}
+
+/// A count that is at least `min`, or `default`.
+fn count(
+    t: &TableReader<'_, '_>,
+    problems: &mut Problems,
+    key: &str,
+    min: usize,
+    default: usize,
+) -> usize {
+    let min = i64::try_from(min).unwrap_or(i64::MAX);
+    let default = i64::try_from(default).unwrap_or(i64::MAX);
+    let n = int_in(t, problems, key, min..=i64::MAX, default);
+    // In range, so non-negative; saturate on targets with a narrow usize.
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Weights are range-checked to fit; saturate rather than wrap regardless.
+fn to_u32(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A duration string such as `"250ms"`, or `default` when absent or invalid.
+fn duration(
+    t: &TableReader<'_, '_>,
+    problems: &mut Problems,
+    key: &str,
+    default: Duration,
+) -> Duration {
+    let Some(value) = t.get(key) else {
+        return default;
+    };
+    let parsed = match value.get_ref() {
+        DeValue::String(text) => parse_duration(text),
+        DeValue::Integer(n) => Err(format!("{DURATION_HINT}, found integer {n}")),
+        DeValue::Float(f) => Err(format!("{DURATION_HINT}, found float {f}")),
+        other => Err(format!("{DURATION_HINT}, found {}", other.type_str())),
+    };
+    parsed.unwrap_or_else(|message| {
+        problems.push(value.span(), &t.key_path(key), message);
+        default
+    })
+}
+
+/// Like [`duration`], but zero is an error.
+fn positive_duration(
+    t: &TableReader<'_, '_>,
+    problems: &mut Problems,
+    key: &str,
+    default: Duration,
+) -> Duration {
+    let d = duration(t, problems, key, default);
+    if !d.is_zero() {
+        return d;
+    }
+    if let Some(value) = t.get(key) {
+        problems.push(value.span(), &t.key_path(key), "must be longer than 0s");
+    }
+    default
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed.parse::<f64>().is_ok() {
+        return Err(format!("{text:?} has no unit; {DURATION_HINT}"));
+    }
+    humantime::parse_duration(trimmed)
+        .map_err(|e| format!("{text:?} is not a duration ({e}); {DURATION_HINT}"))
+}
+
+/// An `ip:port` socket address (a listen address: no host names).
+fn ip_socket_addr(problems: &mut Problems, text: &Spanned<&str>, path: &str) -> Option<SocketAddr> {
+    let s = *text.get_ref();
+    let why = match split_host_port(s) {
+        Ok((Host::Ip(ip), port)) => return Some(SocketAddr::new(ip, port)),
+        Ok((Host::Name(_), _)) => "the host must be an ip address",
+        Err(why) => why,
+    };
+    problems.push(
+        text.span(),
+        path,
+        format!("{s:?} is not ip:port, like \"127.0.0.1:8080\" or \"[::1]:8080\" ({why})"),
+    );
+    None
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Host {
+    Ip(IpAddr),
+    /// A DNS name, lower case.
+    Name(String),
+}
+
+/// Splits `host:port`, where host is an IPv4 address, an IPv6 address in
+/// brackets or a DNS name. The error says what is wrong.
+fn split_host_port(s: &str) -> Result<(Host, u16), &'static str> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']').ok_or("missing \"]\"")?;
+        let port = after.strip_prefix(':').ok_or("missing port")?;
+        let ip: Ipv6Addr = v6.parse().map_err(|_| "bad ipv6 address")?;
+        (Host::Ip(IpAddr::V6(ip)), port)
+    } else {
+        let (host, port) = s.rsplit_once(':').ok_or("missing port")?;
+        if host.contains(':') {
+            return Err("an ipv6 address must be in brackets, like \"[::1]:80\"");
+        }
+        if host.is_empty() {
+            return Err("missing host");
+        }
+        let looks_numeric = host.chars().all(|c| c.is_ascii_digit() || c == '.');
+        let host = if looks_numeric {
+            Host::Ip(IpAddr::V4(host.parse().map_err(|_| "bad ipv4 address")?))
+        } else if is_hostname(host) {
+            Host::Name(host.to_ascii_lowercase())
+        } else {
+            return Err("bad host name");
+        };
+        (host, port)
+    };
+    Ok((host, parse_port(port)?))
+}
+
+fn parse_port(s: &str) -> Result<u16, &'static str> {
+    if s.is_empty() {
+        return Err("missing port");
+    }
+    if !s.chars().all(|c| c.is_ascii_digit()) {
+        return Err("port is not a number");
+    }
+    // All digits, so the only way to fail is being too big.
+    s.parse::<u16>().map_err(|_| "port > 65535")
+}
+
+/// DNS name syntax: dot-separated labels of letters, digits and `-`.
+fn is_hostname(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// A route host: `api.example.com` or `*.example.com`, stored lower case.
+fn parse_host_match(s: &str) -> Result<HostMatch, &'static str> {
+    let host = s.to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("it is empty");
+    }
+    if host.contains(':') {
+        return Err("a route host has no port");
+    }
+    let wildcard_rule = "only a leading \"*.\" wildcard is allowed, like \"*.example.com\"";
+    if let Some(rest) = host.strip_prefix("*.") {
+        if rest.contains('*') {
+            return Err(wildcard_rule);
+        }
+        if !is_hostname(rest) {
+            return Err("bad host name after \"*.\"");
+        }
+        return Ok(HostMatch::Suffix(format!(".{rest}")));
+    }
+    if host.contains('*') {
+        return Err(wildcard_rule);
+    }
+    if !is_hostname(&host) {
+        return Err("bad host name");
+    }
+    Ok(HostMatch::Exact(host))
+}
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address (a single host).
+fn parse_cidr(s: &str) -> Result<Cidr, &'static str> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| "bad ip address")?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix_len = match prefix {
+        None => max,
+        Some(p) => {
+            if p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()) {
+                return Err("prefix length is not a number");
+            }
+            match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ if max == 32 => return Err("prefix length > 32"),
+                _ => return Err("prefix length > 128"),
+            }
+        }
+    };
+    Ok(Cidr { addr, prefix_len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_host_port_explains_each_kind_of_bad_address() {
+        assert_eq!(split_host_port("10.0.0.7:80800"), Err("port > 65535"));
+        assert_eq!(split_host_port("10.0.0.7"), Err("missing port"));
+        assert_eq!(split_host_port("10.0.0.7:"), Err("missing port"));
+        assert_eq!(
+            split_host_port("10.0.0.7:http"),
+            Err("port is not a number")
+        );
+        assert_eq!(split_host_port("10.0.0.300:80"), Err("bad ipv4 address"));
+        assert!(split_host_port("::1:80").is_err());
+        assert_eq!(
+            split_host_port("[::1]:80"),
+            Ok((Host::Ip("::1".parse().expect("literal")), 80))
+        );
+        assert_eq!(
+            split_host_port("App.Internal:8080"),
+            Ok((Host::Name("app.internal".to_owned()), 8080))
+        );
+    }
+
+    #[test]
+    fn parse_cidr_accepts_bare_addresses_as_single_hosts() {
+        let v4 = parse_cidr("10.1.2.3").expect("valid");
+        assert_eq!(v4.prefix_len, 32);
+        let v6 = parse_cidr("::1").expect("valid");
+        assert_eq!(v6.prefix_len, 128);
+        assert_eq!(parse_cidr("10.0.0.0/33"), Err("prefix length > 32"));
+        assert_eq!(
+            parse_cidr("10.0.0.0/x"),
+            Err("prefix length is not a number")
+        );
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5")
+            .expect_err("no unit")
+            .contains("has no unit"));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}
