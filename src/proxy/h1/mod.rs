@@ -25,6 +25,8 @@
 //! * Only `Transfer-Encoding: chunked` is accepted; other codings are 400.
 //! * For an absolute-form target the `Uri` carries the authority; the Host
 //!   header is kept as sent (it must still be present and single).
+//! * Only the request head is timed here (`header_timeout`); reading the
+//!   body and running the handler are bounded by the proxy's request timeout.
 
 mod body;
 mod conn;

@@ -929,3 +929,29 @@ async fn request_body_kept_past_the_response_fails_once_the_connection_closes() 
     let err = body.collect().await.expect_err("aborted");
     assert!(matches!(err, BodyError::Aborted), "{err}");
 }
+
+#[test]
+fn request_body_and_upgrade_io_can_cross_tasks() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<RequestBody>();
+    assert_send_sync::<UpgradeIo>();
+    assert_send_sync::<ServeError>();
+}
+
+#[tokio::test]
+async fn response_asking_to_close_ends_the_connection() {
+    let mut server = serve(settings(), |_req: Request<RequestBody>| async move {
+        let mut res = Response::new(Full::new(Bytes::from_static(b"bye")));
+        res.headers_mut()
+            .insert("connection", HeaderValue::from_static("Close"));
+        res
+    })
+    .await;
+    let mut client = Client::connect(server.addr).await;
+    client.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let resp = client.response().await;
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert_eq!(resp.text(), "bye");
+    assert!(client.is_closed().await);
+    assert!(server.result().await.is_ok());
+}
