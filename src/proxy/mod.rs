@@ -1,0 +1,3 @@
+//! The data path: downstream connection handling and proxying.
+
+pub mod h1;
