@@ -1,0 +1,3 @@
+//! Protection of backends and of Sluice itself: in-flight limits for now.
+
+pub mod limit;

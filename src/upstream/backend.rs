@@ -1,0 +1,117 @@
+//! Per-backend state that outlives a config snapshot.
+//!
+//! A [`BackendState`] is keyed by [`BackendKey`] (upstream name + address,
+//! not weight) and owned by the registry, so a reload that keeps a backend
+//! keeps its counters and in-flight count. Snapshots point at it by `Arc`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::admin::metrics::{BackendMetrics, Outcome};
+
+/// The identity of a backend: which upstream, which `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub upstream: Arc<str>,
+    pub address: Arc<str>,
+}
+
+impl fmt::Display for BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.upstream, self.address)
+    }
+}
+
+/// What Sluice knows about one backend, across reloads.
+pub struct BackendState {
+    pub key: BackendKey,
+    pub addr: SocketAddr,
+    /// `addr` as a URI authority, for the requests sent to it.
+    pub authority: http::uri::Authority,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    metrics: BackendMetrics,
+}
+
+impl BackendState {
+    /// A fresh backend with zeroed counters.
+    pub fn new(key: BackendKey, addr: SocketAddr, metrics: BackendMetrics) -> Self {
+        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
+            .expect("a socket address is a valid authority");
+        BackendState {
+            key,
+            addr,
+            authority,
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// Calls to this backend in progress.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Calls finished since this backend first appeared.
+    pub fn requests_total(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Calls that ended in anything but success.
+    pub fn failures_total(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Starts one call: in-flight goes up until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.inc();
+        RequestGuard {
+            backend: Arc::clone(self),
+            started: Instant::now(),
+            outcome: Outcome::Reset,
+        }
+    }
+}
+
+/// One call to a backend. Dropping it lowers in-flight and records the
+/// outcome and duration; it is the only place those are recorded.
+pub struct RequestGuard {
+    backend: Arc<BackendState>,
+    started: Instant,
+    outcome: Outcome,
+}
+
+impl RequestGuard {
+    /// Sets the outcome recorded on drop (the default is `Reset`: a call that
+    /// ends without a verdict was cut short).
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+
+    /// The backend this call went to.
+    pub fn backend(&self) -> &Arc<BackendState> {
+        &self.backend
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let b = &self.backend;
+        b.in_flight.fetch_sub(1, Ordering::Relaxed);
+        b.metrics.in_flight.dec();
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        if self.outcome != Outcome::Success {
+            b.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        b.metrics
+            .record(self.outcome, self.started.elapsed().as_secs_f64());
+    }
+}

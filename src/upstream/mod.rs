@@ -1,0 +1,70 @@
+//! Upstreams: a named group of backends with a balancer, limits and a
+//! pooled client. Built once per snapshot; the per-backend state inside
+//! comes from the registry and outlives the snapshot.
+
+pub mod backend;
+pub mod client;
+pub mod registry;
+
+use std::sync::Arc;
+
+use crate::admin::metrics::{Metrics, ShedMetrics};
+use crate::balance::{self, Balancer};
+use crate::config::UpstreamConfig;
+use crate::resilience::limit::InFlightLimit;
+use backend::{BackendKey, BackendState};
+use client::UpstreamClient;
+use registry::Registry;
+
+/// One upstream of one snapshot.
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: UpstreamConfig,
+    /// In the order of the config file.
+    pub backends: Vec<Arc<BackendState>>,
+    balancer: Box<dyn Balancer>,
+    pub limit: InFlightLimit,
+    pub client: UpstreamClient,
+    pub shed: ShedMetrics,
+}
+
+impl Upstream {
+    /// Builds the upstream, taking backend state from `registry`.
+    pub fn from_config(config: &UpstreamConfig, registry: &Registry, metrics: &Metrics) -> Self {
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        let backends: Vec<_> = config
+            .backends
+            .iter()
+            .map(|b| {
+                let key = BackendKey {
+                    upstream: Arc::clone(&name),
+                    address: Arc::from(b.address.as_str()),
+                };
+                registry.get_or_create(key, b.socket_addr, metrics)
+            })
+            .collect();
+        let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
+        Upstream {
+            balancer: balance::build(config.balancer, &weights),
+            limit: InFlightLimit::new(config.max_in_flight),
+            client: UpstreamClient::new(config.protocol, &config.pool, config.timeouts.connect),
+            shed: metrics.shed(&config.name),
+            backends,
+            name,
+            config: config.clone(),
+        }
+    }
+
+    /// An eligible backend for a request with this key, or `None` when no
+    /// backend is eligible.
+    pub fn pick(&self, key: Option<u64>) -> Option<&Arc<BackendState>> {
+        let i = self.balancer.pick(&self.backends, key, &is_eligible)?;
+        self.backends.get(i)
+    }
+}
+
+/// Whether a backend may take a new request. Health, circuit and bulkhead
+/// state will narrow this; today every configured backend is eligible.
+fn is_eligible(_backend: &BackendState) -> bool {
+    true
+}
