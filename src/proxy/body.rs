@@ -1,0 +1,195 @@
+//! Body types of the HTTP pipeline.
+//!
+//! [`RequestBody`] is what goes to a backend: the downstream request body,
+//! streamed as it arrives. [`ProxyBody`] is what goes back to the client:
+//! the backend's response streamed through, or a short generated answer. A
+//! `ProxyBody` carries the request's bookkeeping ([`Exchange`]) and records
+//! it when it is dropped: at the end of the stream, on error, or when the
+//! client goes away.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::admin::metrics::{Outcome, RouteMetrics};
+use crate::proxy::error::BoxError;
+use crate::proxy::h1;
+use crate::resilience::limit::InFlightPermit;
+use crate::upstream::backend::RequestGuard;
+
+/// A downstream request body, from either protocol.
+pub enum RequestBody {
+    H1(h1::RequestBody),
+    H2(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::H1(b) => b.is_end_stream(),
+            RequestBody::H2(b) => b.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::H1(b) => b.size_hint(),
+            RequestBody::H2(b) => b.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The bookkeeping of one request, recorded once when it is dropped.
+pub struct Exchange {
+    pub route: Arc<RouteMetrics>,
+    pub started: Instant,
+    pub status: u16,
+    pub guard: Option<RequestGuard>,
+    pub permit: Option<InFlightPermit>,
+    pub log: Option<AccessLog>,
+}
+
+/// What the access log line of a request says beyond status and time.
+pub struct AccessLog {
+    pub listener: Arc<str>,
+    pub client: std::net::SocketAddr,
+    pub method: http::Method,
+    pub host: String,
+    pub path: String,
+    pub upstream: Arc<str>,
+    pub reason: Option<&'static str>,
+    pub bytes_out: u64,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        self.route.record(self.status, elapsed.as_secs_f64());
+        if let Some(log) = &self.log {
+            let backend = self.guard.as_ref().map(|g| &*g.backend().key.address);
+            tracing::info!(
+                target: "sluice::access",
+                listener = &*log.listener,
+                client = %log.client,
+                method = %log.method,
+                host = %log.host,
+                path = %log.path,
+                status = self.status,
+                upstream = &*log.upstream,
+                backend = backend.unwrap_or("-"),
+                bytes_out = log.bytes_out,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                error = log.reason.unwrap_or("-"),
+            );
+        }
+    }
+}
+
+/// A response body on its way to the client.
+pub struct ProxyBody {
+    kind: Kind,
+    exchange: Option<Exchange>,
+}
+
+enum Kind {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl ProxyBody {
+    /// A backend's response body; `exchange` is recorded when it ends.
+    pub fn upstream(body: Incoming, exchange: Exchange) -> Self {
+        ProxyBody {
+            kind: Kind::Upstream(body),
+            exchange: Some(exchange),
+        }
+    }
+
+    /// A generated body.
+    pub fn full(bytes: Bytes, exchange: Option<Exchange>) -> Self {
+        ProxyBody {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            exchange,
+        }
+    }
+
+    fn finish(&mut self, outcome: Option<Outcome>) {
+        if let Some(mut exchange) = self.exchange.take() {
+            if let (Some(outcome), Some(guard)) = (outcome, exchange.guard.as_mut()) {
+                guard.set_outcome(outcome);
+            }
+            drop(exchange);
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(body) => {
+                let frame = ready!(Pin::new(body).poll_frame(cx));
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(ex)) = (frame.data_ref(), this.exchange.as_mut()) {
+                    if let Some(log) = ex.log.as_mut() {
+                        log.bytes_out += data.len() as u64;
+                    }
+                }
+                if this.is_end_stream() {
+                    this.finish(None);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(Some(Outcome::Reset)),
+            Poll::Ready(None) => this.finish(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(body) => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The L7 pipeline: one request from the client to a backend and back.
+//!
+//! [`handle`] reads top to bottom as the steps of a request: load the
+//! snapshot, route, take an in-flight permit, pick a backend, rewrite the
+//! head, call the backend under its timeouts, and wrap the response body so
+//! that its bookkeeping is recorded when the body ends. Every generated
+//! answer goes through [`error_response`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::admin::metrics::Outcome;
+use crate::config::UpstreamProtocol;
+use crate::proxy::body::{AccessLog, Exchange, ProxyBody, RequestBody};
+use crate::proxy::error::ProxyError;
+use crate::proxy::h1;
+use crate::proxy::route::request_host;
+use crate::state::{ListenerRuntime, Shared};
+use crate::upstream::backend::BackendState;
+
+/// What a request knows about the connection it came on.
+pub struct ConnInfo {
+    /// Index of the listener in the snapshot it was accepted under.
+    pub listener: usize,
+    pub listener_name: Arc<str>,
+    pub peer: SocketAddr,
+    /// `http` or `https`, for X-Forwarded-Proto.
+    pub scheme: &'static str,
+}
+
+const SLUICE_ERROR: HeaderName = HeaderName::from_static("sluice-error");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Proxies one request and returns the response to send to the client.
+pub async fn handle(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<RequestBody>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let snapshot = shared.snapshot.load_full();
+    let (mut parts, body) = req.into_parts();
+    let Some(listener) = snapshot.listener(conn.listener, &conn.listener_name) else {
+        // The listener was removed by a reload; its connections drain.
+        return error_response(&ProxyError::NoRoute, None);
+    };
+    let log_enabled = snapshot.config.log.access_log;
+    let Some(up_index) = listener.router.route(&parts) else {
+        let exchange = new_exchange(listener, None, started, conn, &parts, log_enabled);
+        return error_response(&ProxyError::NoRoute, Some(exchange));
+    };
+    let upstream = &snapshot.upstreams[up_index];
+    let mut exchange = new_exchange(listener, Some(up_index), started, conn, &parts, log_enabled);
+    if let Some(log) = exchange.log.as_mut() {
+        log.upstream = Arc::clone(&upstream.name);
+    }
+
+    let Some(permit) = upstream.limit.try_acquire() else {
+        upstream.shed.overloaded.inc();
+        let err = ProxyError::Overloaded {
+            upstream: upstream.name.to_string(),
+        };
+        return error_response(&err, Some(exchange));
+    };
+    exchange.permit = Some(permit);
+
+    let Some(backend) = upstream.pick(None) else {
+        upstream.shed.no_healthy_backend.inc();
+        let err = ProxyError::NoHealthyBackend {
+            upstream: upstream.name.to_string(),
+        };
+        return error_response(&err, Some(exchange));
+    };
+
+    let upgrade = is_upgrade(&parts);
+    if let Err(err) = rewrite_request(
+        &mut parts,
+        conn,
+        listener,
+        backend,
+        upstream.client.protocol(),
+        upgrade,
+    ) {
+        return error_response(&err, Some(exchange));
+    }
+    let request = Request::from_parts(parts, body);
+
+    let mut guard = backend.start_request();
+    let timeouts = &upstream.config.timeouts;
+    let limit = timeouts.per_try.min(timeouts.request);
+    let sent = tokio::time::timeout(limit, upstream.client.send(backend.addr, request)).await;
+    let result = match sent {
+        Ok(result) => result,
+        Err(_) => Err(ProxyError::Timeout {
+            addr: backend.addr,
+            after: limit,
+        }),
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err(err) => {
+            if let Some(outcome) = err.outcome() {
+                guard.set_outcome(outcome);
+            }
+            tracing::debug!(upstream = &*upstream.name, backend = &*backend.key.address, error = %err, "backend call failed");
+            exchange.guard = Some(guard);
+            return error_response(&err, Some(exchange));
+        }
+    };
+
+    let status = response.status();
+    guard.set_outcome(if status.is_server_error() {
+        Outcome::Http5xx
+    } else {
+        Outcome::Success
+    });
+    exchange.guard = Some(guard);
+    exchange.status = status.as_u16();
+
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        if !upgrade {
+            let err = ProxyError::UpgradeFailed { addr: backend.addr };
+            return error_response(&err, Some(exchange));
+        }
+        match hyper::upgrade::on(&mut response).await {
+            Ok(upgraded) => {
+                let io = h1::UpgradeIo::new(TokioIo::new(upgraded));
+                response.extensions_mut().insert(io);
+            }
+            Err(_) => {
+                let err = ProxyError::UpgradeFailed { addr: backend.addr };
+                return error_response(&err, Some(exchange));
+            }
+        }
+    } else {
+        remove_hop_by_hop(response.headers_mut(), false);
+    }
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, ProxyBody::upstream(body, exchange))
+}
+
+fn new_exchange(
+    listener: &ListenerRuntime,
+    upstream: Option<usize>,
+    started: Instant,
+    conn: &ConnInfo,
+    parts: &Parts,
+    log_enabled: bool,
+) -> Exchange {
+    let route = match upstream {
+        Some(i) => Arc::clone(listener.route_metrics(i)),
+        None => Arc::clone(&listener.unrouted),
+    };
+    let log = log_enabled.then(|| AccessLog {
+        listener: Arc::clone(&listener.name),
+        client: conn.peer,
+        method: parts.method.clone(),
+        host: request_host(parts).unwrap_or("-").to_owned(),
+        path: parts.uri.path().to_owned(),
+        upstream: Arc::from("-"),
+        reason: None,
+        bytes_out: 0,
+    });
+    Exchange {
+        route,
+        started,
+        status: 0,
+        guard: None,
+        permit: None,
+        log,
+    }
+}
+
+/// The answer Sluice gives itself: status, `sluice-error: <reason>` and a
+/// one-line text body.
+pub fn error_response(err: &ProxyError, exchange: Option<Exchange>) -> Response<ProxyBody> {
+    let status = err.status();
+    let exchange = exchange.map(|mut ex| {
+        ex.status = status.as_u16();
+        if let Some(log) = ex.log.as_mut() {
+            log.reason = Some(err.reason());
+        }
+        ex
+    });
+    let text = format!("{} {}\n", status.as_u16(), err.reason());
+    let mut response = Response::new(ProxyBody::full(Bytes::from(text), exchange));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(SLUICE_ERROR, HeaderValue::from_static(err.reason()));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Whether the client asks to switch protocols (WebSocket and the like).
+fn is_upgrade(parts: &Parts) -> bool {
+    parts.version == Version::HTTP_11
+        && parts.headers.contains_key(header::UPGRADE)
+        && connection_has(&parts.headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Turns the client's request head into the one the backend gets.
+fn rewrite_request(
+    parts: &mut Parts,
+    conn: &ConnInfo,
+    listener: &ListenerRuntime,
+    backend: &BackendState,
+    protocol: UpstreamProtocol,
+    upgrade: bool,
+) -> Result<(), ProxyError> {
+    // The client's host: the Host header, else the HTTP/2 authority.
+    let authority = parts.uri.authority().cloned();
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(a) = &authority {
+            let value = HeaderValue::from_str(a.as_str()).map_err(|_| ProxyError::BadRequest {
+                what: "invalid authority",
+            })?;
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+
+    remove_hop_by_hop(&mut parts.headers, upgrade);
+    if upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+
+    let trusted = listener
+        .config
+        .trusted_proxies
+        .iter()
+        .any(|c| c.contains(conn.peer.ip()));
+    let client_ip = conn.peer.ip().to_string();
+    let xff = match (trusted, joined(&parts.headers, &X_FORWARDED_FOR)) {
+        (true, Some(prior)) => format!("{prior}, {client_ip}"),
+        _ => client_ip,
+    };
+    parts.headers.insert(
+        X_FORWARDED_FOR,
+        HeaderValue::from_str(&xff).map_err(|_| ProxyError::BadRequest {
+            what: "invalid x-forwarded-for",
+        })?,
+    );
+    if !trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+    }
+    if !trusted || !parts.headers.contains_key(&X_FORWARDED_HOST) {
+        match parts.headers.get(header::HOST).cloned() {
+            Some(host) => {
+                parts.headers.insert(X_FORWARDED_HOST, host);
+            }
+            None => {
+                parts.headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(backend.authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| ProxyError::BadRequest {
+            what: "invalid request target",
+        })?;
+    parts.version = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2 => Version::HTTP_2,
+    };
+    Ok(())
+}
+
+/// All values of a header joined with ", ", or `None` if absent.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let first = values.next()?;
+    Some(values.fold(first.to_owned(), |mut acc, v| {
+        acc.push_str(", ");
+        acc.push_str(v);
+        acc
+    }))
+}
+
+/// Removes the headers that belong to one connection (RFC 9110 §7.6.1):
+/// those named in `Connection` and the fixed hop-by-hop set. `te: trailers`
+/// stays (gRPC needs it); `upgrade` stays when the exchange is an upgrade.
+fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::TRAILER);
+    if !upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_named_ones_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::UPGRADE).is_none());
+        assert_eq!(
+            h.get(header::TE).map(|v| v.as_bytes()),
+            Some(&b"trailers"[..])
+        );
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn upgrade_keeps_the_upgrade_header() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        remove_hop_by_hop(&mut h, true);
+        assert!(h.get(header::UPGRADE).is_some());
+    }
+
+    #[test]
+    fn generated_answers_carry_their_reason() {
+        let resp = error_response(
+            &ProxyError::Overloaded {
+                upstream: "app".into(),
+            },
+            None,
+        );
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()["sluice-error"], "overloaded");
+    }
+}

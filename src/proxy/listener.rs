@@ -1,0 +1,231 @@
+//! Accept loops: one per listener, bounded by `max_connections`.
+//!
+//! Each accepted HTTP connection is served on its own task: a connection
+//! that opens with the HTTP/2 preface goes to hyper's HTTP/2 server (h2c
+//! prior knowledge), anything else to Sluice's own HTTP/1.1 codec. Tasks are
+//! tracked so a graceful shutdown can wait for them; none is detached.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::admin::metrics::ListenerMetrics;
+use crate::config::ListenerConfig;
+use crate::proxy::body::RequestBody;
+use crate::proxy::h1;
+use crate::proxy::http::{handle, ConnInfo};
+use crate::state::Shared;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A bound listener socket and what its connections need.
+pub struct BoundListener {
+    pub index: usize,
+    pub name: Arc<str>,
+    pub config: ListenerConfig,
+    pub socket: TcpListener,
+}
+
+impl BoundListener {
+    /// Binds `config.listen`.
+    pub async fn bind(index: usize, config: &ListenerConfig) -> io::Result<BoundListener> {
+        let socket = TcpListener::bind(config.listen).await?;
+        Ok(BoundListener {
+            index,
+            name: Arc::from(config.name.as_str()),
+            config: config.clone(),
+            socket,
+        })
+    }
+
+    /// The address actually bound (the port is known even for `:0`).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
+/// Tokens a running listener obeys during shutdown.
+#[derive(Clone)]
+pub struct ListenerControl {
+    /// Cancelled when the listener must stop accepting.
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when connections must close once idle.
+    pub close_connections: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Accepts until `control.stop_accepting` is cancelled.
+pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: ListenerControl) {
+    let metrics = Arc::new(shared.metrics.listener(&listener.name));
+    let active = Arc::new(AtomicUsize::new(0));
+    let max = listener.config.max_connections;
+    let settings = Arc::new(h1::H1Settings {
+        header_timeout: listener.config.timeouts.client_header,
+        idle_timeout: listener.config.timeouts.idle,
+        ..h1::H1Settings::default()
+    });
+    loop {
+        let accepted = tokio::select! {
+            _ = control.stop_accepting.cancelled() => break,
+            accepted = listener.socket.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = &*listener.name, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if active.load(Ordering::Relaxed) >= max {
+            metrics.rejected.inc();
+            drop(stream);
+            continue;
+        }
+        let slot = ConnSlot::new(Arc::clone(&active), Arc::clone(&metrics));
+        let _ = stream.set_nodelay(true);
+        let info = Arc::new(ConnInfo {
+            listener: listener.index,
+            listener_name: Arc::clone(&listener.name),
+            peer,
+            scheme: "http",
+        });
+        let shared = Arc::clone(&shared);
+        let settings = Arc::clone(&settings);
+        let close = control.close_connections.clone();
+        let span = tracing::debug_span!("conn", listener = &*listener.name, peer = %peer);
+        control.tracker.spawn(
+            async move {
+                let _slot = slot;
+                serve_http(shared, info, stream, &settings, close).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Holds one of the listener's `max_connections` slots.
+struct ConnSlot {
+    active: Arc<AtomicUsize>,
+    metrics: Arc<ListenerMetrics>,
+}
+
+impl ConnSlot {
+    fn new(active: Arc<AtomicUsize>, metrics: Arc<ListenerMetrics>) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        metrics.accepted.inc();
+        metrics.active.inc();
+        ConnSlot { active, metrics }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.active.dec();
+    }
+}
+
+/// Serves one HTTP connection, HTTP/1.1 or h2c.
+async fn serve_http(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    stream: TcpStream,
+    settings: &h1::H1Settings,
+    close: CancellationToken,
+) {
+    match sniff_h2(&stream, settings.idle_timeout).await {
+        Sniff::H2 => serve_h2(shared, info, stream, close).await,
+        Sniff::H1 => {
+            let handler = |req: http::Request<h1::RequestBody>| {
+                let shared = Arc::clone(&shared);
+                let info = Arc::clone(&info);
+                async move { handle(&shared, &info, req.map(RequestBody::H1)).await }
+            };
+            if let Err(err) = h1::serve_connection(stream, settings, close, handler).await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        }
+        Sniff::Closed => {}
+    }
+}
+
+enum Sniff {
+    H1,
+    H2,
+    Closed,
+}
+
+/// Looks at the first bytes without consuming them: the HTTP/2 preface
+/// means h2c. Waits at most `limit` for the first byte.
+async fn sniff_h2(stream: &TcpStream, limit: Duration) -> Sniff {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 24];
+    loop {
+        if tokio::time::timeout_at(deadline, stream.readable())
+            .await
+            .is_err()
+        {
+            return Sniff::Closed;
+        }
+        let n = match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return Sniff::Closed,
+            Ok(n) => n,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return Sniff::H1;
+        }
+        if n == H2_PREFACE.len() {
+            return Sniff::H2;
+        }
+        // A partial preface: readiness stays set while unread bytes wait, so
+        // pause briefly before looking again.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(2)))
+            .await
+            .is_err()
+        {
+            return Sniff::Closed;
+        }
+    }
+}
+
+async fn serve_h2(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    stream: TcpStream,
+    close: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let shared = Arc::clone(&shared);
+        let info = Arc::clone(&info);
+        async move { Ok::<_, Infallible>(handle(&shared, &info, req.map(RequestBody::H2)).await) }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new()).max_concurrent_streams(256);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(err) = res {
+                tracing::debug!(error = %err, "h2 connection ended with an error");
+            }
+            return;
+        }
+        _ = close.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    if let Err(err) = conn.await {
+        tracing::debug!(error = %err, "h2 connection ended with an error");
+    }
+}
