@@ -1,0 +1,291 @@
+//! The `sluice` binary itself: `check`, signals, and streaming with bounded
+//! memory measured on the real process.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// A running `sluice run` process and the addresses from its `ready` event.
+struct Proc {
+    child: Child,
+    listeners: Vec<(String, SocketAddr)>,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn start(config: &str) -> Proc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sluice");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["fields"]["message"] == "ready" {
+                            let _ = tx.send(v["fields"].clone());
+                            sent = true;
+                        }
+                    }
+                }
+            }
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("ready event");
+        let listeners = ready["listeners"]
+            .as_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.parse().expect("listener address")))
+            .collect();
+        let admin = ready["admin"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("admin address");
+        Proc {
+            child,
+            listeners,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .expect("listener")
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+fn check(config_text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, config_text).expect("write");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_example_config() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sluice.toml");
+    let out = Command::new(BIN)
+        .args(["check", "--config", path])
+        .output()
+        .expect("run check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_its_location_and_exits_1() {
+    let text = r#"[admin]
+listen = "127.0.0.1:9901"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "apii"
+max_conections = 10
+
+[[upstream]]
+name = "api"
+max_in_flight = "lots"
+backends = ["10.0.0.7:80800"]
+timeouts = { connect = "5 parsecs" }
+"#;
+    let (code, err) = check(text);
+    assert_eq!(code, 1, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 5, "one line per problem:\n{err}");
+    let expect = [
+        ("bad.toml:7:", "listener[0].upstream", "apii"),
+        ("bad.toml:8:", "listener[0]", "max_conections"),
+        ("bad.toml:12:", "upstream[0].max_in_flight", "integer"),
+        ("bad.toml:13:", "upstream[0].backends[0]", "80800"),
+        ("bad.toml:14:", "upstream[0].timeouts.connect", "parsecs"),
+    ];
+    for (loc, path, word) in expect {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(loc) && l.contains(path) && l.contains(word)),
+            "no line with {loc} {path} {word} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn check_rejects_keys_whose_feature_is_not_built_yet() {
+    let text = "[[listener]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n\
+                [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:2\"]\nbalancer = \"least_conn\"\n";
+    let (code, err) = check(text);
+    assert_eq!(code, 1);
+    assert!(err.contains("not supported yet"), "{err}");
+}
+
+#[test]
+fn sigterm_drains_lets_in_flight_finish_and_exits_0() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let backend = rt.block_on(Backend::start("a"));
+    let cfg = simple_config(&[&backend], "").replace(
+        "[[listener]]",
+        "[shutdown]\ndrain_delay = \"300ms\"\ngrace = \"10s\"\n\n[[listener]]",
+    );
+    let mut proc = Proc::start(&cfg);
+    let addr = proc.addr("web");
+    let admin = proc.admin;
+    let slow = rt.spawn(async move { get(addr, "/sleep/1000").await });
+    rt.block_on(backend.wait_hits(1));
+    proc.signal("-TERM");
+    // Readiness drops at once; requests are still accepted during drain_delay.
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while get(admin, "/readyz").await.status != 503 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "readyz never turned 503"
+            );
+        }
+        assert_eq!(
+            get(addr, "/").await.status,
+            200,
+            "served during drain_delay"
+        );
+    });
+    let answer = rt.block_on(slow).expect("task");
+    assert_eq!(answer.status, 200);
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn sighup_keeps_the_process_serving() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let backend = rt.block_on(Backend::start("a"));
+    let proc = Proc::start(&simple_config(&[&backend], ""));
+    let addr = proc.addr("web");
+    proc.signal("-HUP");
+    let admin = proc.admin;
+    rt.block_on(async {
+        // The reload is counted once it has run.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = get(admin, "/metrics").await.body;
+            if m.contains("sluice_config_reloads_total{result=\"success\"} 2") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reload counted:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get(addr, "/").await.body, "a");
+    });
+}
+
+#[test]
+fn gigabyte_upload_and_download_stream_with_bounded_memory() {
+    const GIB: u64 = 1 << 30;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let backend = rt.block_on(Backend::start("a"));
+    let proc = Proc::start(&simple_config(
+        &[&backend],
+        "timeouts = { request = \"120s\", per_try = \"120s\" }",
+    ));
+    let addr = proc.addr("web");
+    rt.block_on(async {
+        let req = Request::post(format!("http://{addr}/upload"))
+            .body(Zeros::new(GIB).map_err(|e| match e {}).boxed())
+            .expect("request");
+        let answer = send(&h1_client(), req).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, GIB.to_string(), "backend received every byte");
+
+        let req = Request::get(format!("http://{addr}/download/{GIB}"))
+            .body(empty())
+            .expect("request");
+        let resp = h1_client().request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut total = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Some(d) = frame.expect("frame").data_ref() {
+                total += d.len() as u64;
+            }
+        }
+        assert_eq!(total, GIB);
+    });
+    let peak = proc.peak_rss_kib();
+    eprintln!("proxy peak RSS after 1 GiB each way: {peak} KiB");
+    assert!(peak < 64 * 1024, "proxy peak RSS {peak} KiB over 64 MiB");
+}

@@ -1,0 +1,679 @@
+//! The HTTP pipeline end to end: real backends, the proxy in-process, real
+//! clients over loopback.
+
+mod support;
+
+use std::time::Duration;
+
+use http::Request;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn round_robin_spreads_requests_over_every_backend_evenly() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let proxy = start_proxy(&simple_config(&[&a, &b, &c], "")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let mut bodies = Vec::new();
+    for _ in 0..9 {
+        bodies.push(get(addr, "/").await.body);
+    }
+    let t = tally(&bodies);
+    assert_eq!(t.get("a"), Some(&3), "{t:?}");
+    assert_eq!(t.get("b"), Some(&3), "{t:?}");
+    assert_eq!(t.get("c"), Some(&3), "{t:?}");
+}
+
+#[tokio::test]
+async fn weighted_round_robin_is_smooth_and_follows_weights() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [{{ address = \"{}\", weight = 5 }}, \"{}\", \"{}\"]\n",
+        a.addr, b.addr, c.addr
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let mut bodies = Vec::new();
+    for _ in 0..14 {
+        bodies.push(get(addr, "/").await.body);
+    }
+    // Smooth weighted round robin: the heavy backend is interleaved with the
+    // others (a a b a c a a), never sent a burst of five (a a a a a b c).
+    let cycle = ["a", "a", "b", "a", "c", "a", "a"];
+    let expected: Vec<&str> = cycle.iter().chain(cycle.iter()).copied().collect();
+    assert_eq!(bodies, expected);
+}
+
+fn routing_config(backends: &[&Backend]) -> String {
+    let [def, api, wild, canary, s1, s2] = backends else {
+        panic!("six backends")
+    };
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "default"
+
+[[listener.route]]
+headers = {{ "x-canary" = "1" }}
+upstream = "canary"
+
+[[listener.route]]
+host = "api.example.com"
+path_prefix = "/v1/"
+upstream = "api"
+
+[[listener.route]]
+host = "*.example.com"
+upstream = "wild"
+
+[[listener.route]]
+path_prefix = "/split/"
+split = [{{ upstream = "s1", weight = 3 }}, {{ upstream = "s2", weight = 1 }}]
+
+[[upstream]]
+name = "default"
+backends = ["{}"]
+[[upstream]]
+name = "api"
+backends = ["{}"]
+[[upstream]]
+name = "wild"
+backends = ["{}"]
+[[upstream]]
+name = "canary"
+backends = ["{}"]
+[[upstream]]
+name = "s1"
+backends = ["{}"]
+[[upstream]]
+name = "s2"
+backends = ["{}"]
+"#,
+        def.addr, api.addr, wild.addr, canary.addr, s1.addr, s2.addr
+    )
+}
+
+async fn get_host(
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    extra: Option<(&str, &str)>,
+) -> Answer {
+    let mut req = Request::get(format!("http://{addr}{path}")).header("host", host);
+    if let Some((k, v)) = extra {
+        req = req.header(k, v);
+    }
+    send(&h1_client(), req.body(empty()).expect("request")).await
+}
+
+#[tokio::test]
+async fn routes_by_host_wildcard_path_header_and_split() {
+    let mut bs = Vec::new();
+    for name in ["default", "api", "wild", "canary", "s1", "s2"] {
+        bs.push(Backend::start(name).await);
+    }
+    let refs: Vec<&Backend> = bs.iter().collect();
+    let proxy = start_proxy(&routing_config(&refs)).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+
+    assert_eq!(
+        get_host(addr, "api.example.com", "/v1/users", None)
+            .await
+            .body,
+        "api"
+    );
+    assert_eq!(
+        get_host(addr, "API.Example.com:8080", "/v1/", None)
+            .await
+            .body,
+        "api"
+    );
+    // Same host, other path: falls through to the wildcard.
+    assert_eq!(
+        get_host(addr, "api.example.com", "/v2/", None).await.body,
+        "wild"
+    );
+    assert_eq!(
+        get_host(addr, "shop.example.com", "/", None).await.body,
+        "wild"
+    );
+    // The bare domain is not matched by *.example.com.
+    assert_eq!(
+        get_host(addr, "example.com", "/", None).await.body,
+        "default"
+    );
+    // Header route comes first and wins over host.
+    assert_eq!(
+        get_host(addr, "api.example.com", "/v1/", Some(("x-canary", "1")))
+            .await
+            .body,
+        "canary"
+    );
+    assert_eq!(
+        get_host(addr, "other", "/", Some(("x-canary", "0")))
+            .await
+            .body,
+        "default"
+    );
+
+    let mut bodies = Vec::new();
+    for _ in 0..40 {
+        bodies.push(get_host(addr, "other", "/split/x", None).await.body);
+    }
+    let t = tally(&bodies);
+    assert_eq!((t.get("s1"), t.get("s2")), (Some(&30), Some(&10)), "{t:?}");
+}
+
+#[tokio::test]
+async fn no_route_and_no_default_is_404_with_reason() {
+    let a = Backend::start("a").await;
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+         [[listener.route]]\npath_prefix = \"/a/\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{}\"]\n",
+        a.addr
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    assert_eq!(get(addr, "/a/x").await.body, "a");
+    let miss = get(addr, "/b").await;
+    assert_eq!(miss.status, 404);
+    assert_eq!(miss.headers["sluice-error"], "no-route");
+}
+
+#[tokio::test]
+async fn h2c_downstream_is_balanced_per_request_not_per_connection() {
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let proxy = start_proxy(&simple_config(&[&a, &b, &c], "")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    // One client, one HTTP/2 connection, many streams.
+    let client = h2_client();
+    let mut bodies = Vec::new();
+    for _ in 0..9 {
+        let req = Request::get(format!("http://{addr}/"))
+            .body(empty())
+            .expect("request");
+        let answer = send(&client, req).await;
+        assert_eq!(answer.status, 200);
+        bodies.push(answer.body);
+    }
+    let t = tally(&bodies);
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(t.values().all(|&n| n == 3), "{t:?}");
+}
+
+#[tokio::test]
+async fn h2c_both_sides_carries_grpc_trailers() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&a], "protocol = \"h2\"")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let req = Request::post(format!("http://{addr}/trailers"))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(empty())
+        .expect("request");
+    let answer = send(&h2_client(), req).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "a");
+    let trailers = answer.trailers.expect("trailers passed through");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "ok");
+}
+
+#[tokio::test]
+async fn http1_client_gets_trailers_from_an_h2_backend_in_chunked_encoding() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&a], "protocol = \"h2\"")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let raw = raw_exchange(
+        addr,
+        b"GET /trailers HTTP/1.1\r\nhost: x\r\nte: trailers\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{raw}"
+    );
+    assert!(raw.contains("grpc-status: 0"), "{raw}");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_proxied_both_ways() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&a], "")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("101 in time")
+            .expect("read");
+        assert_eq!(
+            n,
+            1,
+            "closed before the 101 head ended: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"ping"[..], b"second frame", &[0u8, 255, 10, 13]] {
+        stream.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&a], "")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let req = Request::get(format!("http://{addr}/headers"))
+        .header("host", "shop.example.com")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("x-end-to-end", "kept")
+        .body(empty())
+        .expect("request");
+    let seen = send(&h1_client(), req).await.body;
+    // Untrusted peer: a client-supplied X-Forwarded-For is replaced.
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-host: shop.example.com\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("host: shop.example.com\n"), "{seen}");
+    assert!(seen.contains("x-end-to-end: kept\n"), "{seen}");
+    assert!(!seen.contains("x-private"), "{seen}");
+    assert!(!seen.contains("keep-alive"), "{seen}");
+}
+
+#[tokio::test]
+async fn trusted_proxies_get_their_forwarded_for_appended_to() {
+    let a = Backend::start("a").await;
+    let cfg = simple_config(&[&a], "").replace(
+        "upstream = \"app\"\n",
+        "upstream = \"app\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let req = Request::get(format!("http://{addr}/headers"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .body(empty())
+        .expect("request");
+    let seen = send(&h1_client(), req).await.body;
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
+}
+
+#[tokio::test]
+async fn upstream_request_timeout_answers_504() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(
+        &[&a],
+        "timeouts = { connect = \"1s\", request = \"300ms\", per_try = \"300ms\" }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let answer = get(addr, "/sleep/3000").await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(answer.headers["sluice-error"], "upstream-timeout");
+    assert_eq!(answer.body, "504 upstream-timeout\n");
+}
+
+#[tokio::test]
+async fn refused_connection_answers_502_connect_failure() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{dead}\"]\n"
+    );
+    let proxy = start_proxy(&cfg).await;
+    let answer = get(proxy.listener_addr("web").expect("bound"), "/").await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.headers["sluice-error"], "connect-failure");
+}
+
+#[tokio::test]
+async fn connect_timeout_answers_502_connect_failure_within_the_limit() {
+    // A listener whose accept queue is full drops further SYNs, so a
+    // connect to it hangs until the connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let full = socket.listen(1).expect("listen");
+    let target = full.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(target),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{target}\"]\ntimeouts = {{ connect = \"200ms\", request = \"10s\", per_try = \"10s\" }}\n"
+    );
+    let proxy = start_proxy(&cfg).await;
+    let started = std::time::Instant::now();
+    let answer = get(proxy.listener_addr("web").expect("bound"), "/").await;
+    assert_eq!(answer.status, 502, "{}", answer.body);
+    assert_eq!(answer.headers["sluice-error"], "connect-failure");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let metrics = admin_get(&proxy, "/metrics").await.body;
+    assert!(
+        metrics.contains(&format!(
+            "sluice_upstream_requests_total{{backend=\"{target}\",outcome=\"connect_failure\",upstream=\"app\"}} 1"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn slow_request_head_gets_408_after_client_header_timeout() {
+    let a = Backend::start("a").await;
+    let cfg = simple_config(&[&a], "").replace(
+        "upstream = \"app\"\n",
+        "upstream = \"app\"\ntimeouts = { client_header = \"300ms\", idle = \"10s\" }\n",
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    // Half a request head, then nothing (slowloris).
+    let raw = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("sluice-error: request-timeout"),
+        "{raw}"
+    );
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let a = Backend::start("a").await;
+    let cfg = simple_config(&[&a], "").replace(
+        "upstream = \"app\"\n",
+        "upstream = \"app\"\ntimeouts = { client_header = \"5s\", idle = \"300ms\" }\n",
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.expect("response");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("closed by the proxy in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "connection closed without another byte");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn max_in_flight_sheds_the_excess_at_once_with_503_overloaded() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&a], "max_in_flight = 2")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let slow1 = tokio::spawn(async move { get(addr, "/sleep/1500").await });
+    let slow2 = tokio::spawn(async move { get(addr, "/sleep/1500").await });
+    a.wait_hits(2).await;
+    let started = std::time::Instant::now();
+    let shed = get(addr, "/").await;
+    let took = started.elapsed();
+    assert_eq!(shed.status, 503);
+    assert_eq!(shed.headers["sluice-error"], "overloaded");
+    assert!(
+        took < Duration::from_millis(500),
+        "shed answer took {took:?}"
+    );
+    assert_eq!(a.hits(), 2, "the shed request never reached the backend");
+    assert_eq!(slow1.await.expect("task").status, 200);
+    assert_eq!(slow2.await.expect("task").status, 200);
+    let metrics = admin_get(&proxy, "/metrics").await.body;
+    assert!(
+        metrics.contains("sluice_load_shed_total{reason=\"overloaded\",upstream=\"app\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn max_connections_closes_the_excess_at_accept() {
+    let a = Backend::start("a").await;
+    let cfg = simple_config(&[&a], "").replace(
+        "upstream = \"app\"\n",
+        "upstream = \"app\"\nmax_connections = 2\n",
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let raw = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw, "", "third connection closed without an answer");
+    let metrics = admin_get(&proxy, "/metrics").await.body;
+    assert!(
+        metrics.contains(
+            "sluice_downstream_connections_total{listener=\"web\",result=\"rejected\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_downstream_connections_active{listener=\"web\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints_answer_and_metrics_count_per_backend() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = start_proxy(&simple_config(&[&a, &b], "")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert_eq!(get(addr, "/status/503").await.status, 503);
+    assert_eq!(admin_get(&proxy, "/healthz").await.status, 200);
+    assert_eq!(admin_get(&proxy, "/readyz").await.status, 200);
+    let m = admin_get(&proxy, "/metrics").await.body;
+    for (backend, n) in [(a.addr, 2), (b.addr, 2)] {
+        let line = format!("sluice_upstream_requests_total{{backend=\"{backend}\",outcome=\"success\",upstream=\"app\"}} {n}");
+        assert!(m.contains(&line), "missing {line} in\n{m}");
+    }
+    assert!(
+        m.contains("outcome=\"http_5xx\",upstream=\"app\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("sluice_http_requests_total{code=\"2xx\",listener=\"web\",upstream=\"app\"} 4"),
+        "{m}"
+    );
+    assert!(
+        m.contains("sluice_http_requests_total{code=\"5xx\",listener=\"web\",upstream=\"app\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "sluice_http_request_duration_seconds_count{listener=\"web\",upstream=\"app\"} 5"
+        ),
+        "{m}"
+    );
+    assert!(m.contains("sluice_upstream_in_flight{"), "{m}");
+    assert!(
+        m.contains("sluice_downstream_connections_active{listener=\"web\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "sluice_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{m}"
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(&proxy, "/status").await.body).expect("json");
+    let backends = status["upstreams"][0]["backends"]
+        .as_array()
+        .expect("backends");
+    assert_eq!(backends.len(), 2);
+    let total: u64 = backends
+        .iter()
+        .map(|b| b["requests_total"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 5);
+    assert_eq!(status["config"]["hash"].as_str().map(str::len), Some(16));
+}
+
+#[tokio::test]
+async fn status_requires_the_admin_token_when_set() {
+    let a = Backend::start("a").await;
+    let cfg = simple_config(&[&a], "").replace(
+        "listen = \"127.0.0.1:0\"\n\n[[listener]]",
+        "listen = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n\n[[listener]]",
+    );
+    let proxy = start_proxy(&cfg).await;
+    assert_eq!(admin_get(&proxy, "/status").await.status, 401);
+    let req = Request::get(format!("http://{}/status", proxy.admin))
+        .header("authorization", "Bearer s3cret")
+        .body(empty())
+        .expect("request");
+    assert_eq!(send(&h1_client(), req).await.status, 200);
+    assert_eq!(admin_get(&proxy, "/metrics").await.status, 200);
+    assert_eq!(admin_get(&proxy, "/readyz").await.status, 200);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_request_finish() {
+    let a = Backend::start("a").await;
+    let cfg = simple_config(&[&a], "").replace(
+        "[[listener]]",
+        "[shutdown]\ndrain_delay = \"0s\"\ngrace = \"10s\"\n\n[[listener]]",
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let admin = proxy.admin;
+    let slow = tokio::spawn(async move { get(addr, "/sleep/800").await });
+    a.wait_hits(1).await;
+    proxy.shutdown();
+    assert_eq!(get(admin, "/readyz").await.status, 503);
+    let answer = slow.await.expect("task");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "a");
+    tokio::time::timeout(Duration::from_secs(5), proxy.wait())
+        .await
+        .expect("shut down in time");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed"
+    );
+}
+
+#[tokio::test]
+async fn demo_config_serves_three_distinct_backends() {
+    let mut addrs = Vec::new();
+    for n in 1..=3 {
+        addrs.push(sluice::demo::spawn_backend(n).await.expect("backend"));
+    }
+    let text = sluice::demo::render_config("127.0.0.1:0", "127.0.0.1:0", &addrs);
+    let proxy = start_proxy(&text).await;
+    let addr = proxy.listener_addr("demo").expect("bound");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let body = get(addr, "/").await.body;
+        seen.insert(body.split(' ').nth(2).unwrap_or("").to_owned());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let m = admin_get(&proxy, "/metrics").await.body;
+    for a in &addrs {
+        assert!(
+            m.contains(&format!(
+                "backend=\"{a}\",outcome=\"success\",upstream=\"demo\"}} 2"
+            )),
+            "{m}"
+        );
+    }
+}
