@@ -140,7 +140,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(l.listen, addr("127.0.0.1:8080"));
     assert_eq!(l.protocol, ListenerProtocol::Http);
     assert_eq!(l.upstream.as_deref(), Some("app"));
-    assert_eq!(l.max_connections, 10_000);
+    assert_eq!(l.max_connections, 100_000);
     assert!(l.trusted_proxies.is_empty());
     assert_eq!(l.timeouts.client_header, Duration::from_secs(10));
     assert_eq!(l.timeouts.idle, Duration::from_secs(60));

@@ -285,7 +285,7 @@ fn listener(
     let upstream = t
         .str(problems, "upstream")
         .and_then(|s| upstream_ref(problems, &s, &t.key_path("upstream"), known));
-    let max_connections = count(t, problems, "max_connections", 1, 10_000);
+    let max_connections = count(t, problems, "max_connections", 1, 100_000);
     reject_true(t, problems, "proxy_protocol");
     reject_true(t, problems, "tls_passthrough");
     let trusted_proxies = trusted_proxies(t, problems);

@@ -147,12 +147,15 @@ async fn serve_http(
     close: CancellationToken,
 ) {
     match sniff_h2(&stream, settings.idle_timeout).await {
-        Sniff::H2 => serve_h2(shared, info, stream, close).await,
+        // Boxed: the HTTP/2 state is large, and most connections never need it.
+        Sniff::H2 => Box::pin(serve_h2(shared, info, stream, close)).await,
         Sniff::H1 => {
+            // The request future is boxed so that an idle connection's task
+            // holds only the codec's state, not room for a request in flight.
             let handler = |req: http::Request<h1::RequestBody>| {
                 let shared = Arc::clone(&shared);
                 let info = Arc::clone(&info);
-                async move { handle(&shared, &info, req.map(RequestBody::H1)).await }
+                Box::pin(async move { handle(&shared, &info, req.map(RequestBody::H1)).await })
             };
             if let Err(err) = h1::serve_connection(stream, settings, close, handler).await {
                 tracing::debug!(error = %err, "connection ended with an error");
