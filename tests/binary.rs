@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use http::Request;
 use http_body_util::BodyExt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
@@ -86,14 +88,10 @@ impl Proc {
             .expect("listener")
     }
 
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+    fn signal(&self, sig: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"));
+        kill(pid, sig).expect("signal delivered");
     }
-
     /// Peak resident memory (VmHWM) in KiB.
     fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -206,7 +204,7 @@ fn sigterm_drains_lets_in_flight_finish_and_exits_0() {
     let admin = proc.admin;
     let slow = rt.spawn(async move { get(addr, "/sleep/1000").await });
     rt.block_on(backend.wait_hits(1));
-    proc.signal("-TERM");
+    proc.signal(Signal::SIGTERM);
     // Readiness drops at once; requests are still accepted during drain_delay.
     rt.block_on(async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -233,7 +231,7 @@ fn sighup_keeps_the_process_serving() {
     let backend = rt.block_on(Backend::start("a"));
     let proc = Proc::start(&simple_config(&[&backend], ""));
     let addr = proc.addr("web");
-    proc.signal("-HUP");
+    proc.signal(Signal::SIGHUP);
     let admin = proc.admin;
     rt.block_on(async {
         // The reload is counted once it has run.

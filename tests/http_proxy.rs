@@ -677,3 +677,63 @@ async fn demo_config_serves_three_distinct_backends() {
         );
     }
 }
+
+#[tokio::test]
+async fn backend_connections_are_kept_alive_and_reused() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&a], "")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    for _ in 0..20 {
+        // A new client connection each time: the backend side is pooled.
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert_eq!(a.hits(), 20);
+    assert_eq!(
+        a.conns(),
+        1,
+        "one pooled backend connection served every request"
+    );
+}
+
+#[tokio::test]
+async fn pool_idle_timeout_closes_idle_backend_connections() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(
+        &[&a],
+        "pool = { max_idle_per_backend = 4, idle_timeout = \"200ms\" }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    assert_eq!(get(addr, "/").await.status, 200);
+    assert_eq!(a.conns(), 1);
+    // The proxy closes the idle pooled connection after idle_timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.closed() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle backend connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(addr, "/").await.status, 200);
+    assert_eq!(
+        a.conns(),
+        2,
+        "a new connection after the idle one was closed"
+    );
+}
+
+#[tokio::test]
+async fn pool_of_zero_idle_connections_opens_one_per_request() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(
+        &[&a],
+        "pool = { max_idle_per_backend = 0, idle_timeout = \"90s\" }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    for _ in 0..5 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert_eq!(a.conns(), 5);
+}

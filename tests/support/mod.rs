@@ -37,6 +37,9 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted, and connections that have ended.
+    pub conns: Arc<AtomicUsize>,
+    pub closed: Arc<AtomicUsize>,
     /// Notified each time a request arrives.
     pub arrived: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -56,15 +59,21 @@ impl Backend {
         let addr = socket.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let arrived = Arc::new(Notify::new());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let name_arc: Arc<str> = Arc::from(name);
         let task = {
             let hits = Arc::clone(&hits);
             let arrived = Arc::clone(&arrived);
+            let conns = Arc::clone(&conns);
+            let closed = Arc::clone(&closed);
             tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = socket.accept().await else {
                         continue;
                     };
+                    conns.fetch_add(1, Ordering::SeqCst);
+                    let closed = Arc::clone(&closed);
                     let hits = Arc::clone(&hits);
                     let arrived = Arc::clone(&arrived);
                     let name = Arc::clone(&name_arc);
@@ -78,6 +87,7 @@ impl Backend {
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await;
+                        closed.fetch_add(1, Ordering::SeqCst);
                     });
                 }
             })
@@ -86,9 +96,19 @@ impl Backend {
             name: name.to_owned(),
             addr,
             hits,
+            conns,
+            closed,
             arrived,
             task,
         }
+    }
+
+    pub fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 
     pub fn hits(&self) -> usize {
