@@ -9,7 +9,6 @@
 //!
 //! [`RequestBody`]: super::RequestBody
 
-use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -23,12 +22,7 @@ use super::Transport;
 /// What the connection task and the request body share.
 pub(crate) type Shared = Arc<Mutex<Conn>>;
 
-/// Size a pooled buffer starts with; heads and small bodies fit in one read.
-pub(crate) const BUF_INIT: usize = 8 * 1024;
-/// Pooled buffers larger than this are freed instead of kept.
-const POOL_MAX_CAPACITY: usize = 32 * 1024;
-/// Buffers kept per thread; beyond that they are freed.
-const POOL_MAX_BUFFERS: usize = 32;
+pub(crate) use crate::proxy::buffers::BUF_INIT;
 
 /// The interim response written for `Expect: 100-continue`.
 pub(crate) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -178,41 +172,6 @@ pub(crate) fn lock(shared: &Shared) -> MutexGuard<'_, Conn> {
     shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-thread_local! {
-    static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A buffer with at least [`BUF_INIT`] bytes of capacity, from this thread's
-/// pool when it has one.
-pub(crate) fn take_buf() -> BytesMut {
-    POOL.try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| BytesMut::with_capacity(BUF_INIT))
-}
-
-/// Returns a buffer to this thread's pool, or frees it. Buffers still shared
-/// with live `Bytes` (a request head, a body chunk) cannot be reclaimed and
-/// are simply dropped; their memory goes when the last `Bytes` does.
-pub(crate) fn give_buf(mut buf: BytesMut) {
-    if buf.capacity() == 0 {
-        return;
-    }
-    buf.clear();
-    if !buf.try_reclaim(BUF_INIT) || buf.capacity() > POOL_MAX_CAPACITY {
-        return;
-    }
-    let _ = POOL.try_with(|p| {
-        if let Ok(mut p) = p.try_borrow_mut() {
-            if p.len() < POOL_MAX_BUFFERS {
-                p.push(buf);
-            }
-        }
-    });
-}
-
-/// Buffers in this thread's pool.
 #[cfg(test)]
-pub(crate) fn pooled() -> usize {
-    POOL.with(|p| p.borrow().len())
-}
+pub(crate) use crate::proxy::buffers::pooled;
+pub(crate) use crate::proxy::buffers::{give as give_buf, take as take_buf};
