@@ -28,6 +28,7 @@ pub struct Metrics {
     load_shed: IntCounterVec,
     downstream_active: IntGaugeVec,
     downstream_total: IntCounterVec,
+    tcp_bytes: IntCounterVec,
     config_reloads: IntCounterVec,
     config_last_reload: IntGauge,
 }
@@ -106,6 +107,10 @@ pub struct ListenerMetrics {
     pub active: IntGauge,
     pub accepted: IntCounter,
     pub rejected: IntCounter,
+    /// TCP listeners: bytes received from clients.
+    pub bytes_rx: IntCounter,
+    /// TCP listeners: bytes sent to clients.
+    pub bytes_tx: IntCounter,
 }
 
 impl Metrics {
@@ -175,6 +180,11 @@ impl Metrics {
                 "sluice_downstream_connections_total",
                 "Client connections accepted or rejected at accept",
                 &["listener", "result"],
+            ),
+            tcp_bytes: counter(
+                "sluice_tcp_bytes_total",
+                "Bytes moved by TCP listeners: rx from clients, tx to clients",
+                &["listener", "direction"],
             ),
             config_reloads: counter(
                 "sluice_config_reloads_total",
@@ -259,6 +269,8 @@ impl Metrics {
             rejected: self
                 .downstream_total
                 .with_label_values(&[listener, "rejected"]),
+            bytes_rx: self.tcp_bytes.with_label_values(&[listener, "rx"]),
+            bytes_tx: self.tcp_bytes.with_label_values(&[listener, "tx"]),
         }
     }
 

@@ -20,10 +20,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::admin::metrics::ListenerMetrics;
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::h1;
 use crate::proxy::http::{handle, ConnInfo};
+use crate::proxy::tcp;
 use crate::state::Shared;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -106,10 +107,19 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
         let settings = Arc::clone(&settings);
         let close = control.close_connections.clone();
         let span = tracing::debug_span!("conn", listener = &*listener.name, peer = %peer);
+        let protocol = listener.config.protocol;
+        let metrics = Arc::clone(&metrics);
         control.tracker.spawn(
             async move {
                 let _slot = slot;
-                serve_http(shared, info, stream, &settings, close).await;
+                match protocol {
+                    ListenerProtocol::Http => {
+                        serve_http(shared, info, stream, &settings, close).await
+                    }
+                    // A TCP session runs to its end; shutdown waits for it
+                    // up to `shutdown.grace`.
+                    ListenerProtocol::Tcp => tcp::serve(shared, info, stream, metrics).await,
+                }
             }
             .instrument(span),
         );

@@ -69,6 +69,11 @@ impl Router {
         }
     }
 
+    /// The listener's default upstream.
+    pub fn default_upstream(&self) -> Option<usize> {
+        self.default
+    }
+
     /// The upstream index for a request, or `None` when nothing matches and
     /// there is no default.
     pub fn route(&self, parts: &Parts) -> Option<usize> {

@@ -63,6 +63,21 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// Like [`Upstream::pick`], never returning one of `tried` (a failover
+    /// goes to a different backend when there is one).
+    pub fn pick_excluding(
+        &self,
+        key: Option<u64>,
+        tried: &[Arc<BackendState>],
+    ) -> Option<&Arc<BackendState>> {
+        let eligible =
+            |b: &BackendState| is_eligible(b) && !tried.iter().any(|t| std::ptr::eq(&**t, b));
+        let i = self.balancer.pick(&self.backends, key, &eligible)?;
+        self.backends.get(i)
+    }
+}
+
 /// Whether a backend may take a new request. Health, circuit and bulkhead
 /// state will narrow this; today every configured backend is eligible.
 fn is_eligible(_backend: &BackendState) -> bool {
