@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::admin::metrics::Metrics;
-use sluice::balance::{self, Balancer};
+use sluice::balance::{self, Balancer, ConsistentHash};
 use sluice::config::BalancerKind;
 use sluice::upstream::backend::{BackendKey, BackendState};
 
@@ -32,6 +32,15 @@ fn pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
     for n in [3usize, 100, 10_000] {
         let list = backends(n, &metrics);
+        let addresses: Vec<&str> = list.iter().map(|b| &*b.key.address).collect();
+        let ring = BalancerKind::ConsistentHash {
+            vnodes: 160,
+            bounded_load: 0.0,
+        };
+        let bounded = BalancerKind::ConsistentHash {
+            vnodes: 160,
+            bounded_load: 1.25,
+        };
         for (name, kind, weights) in [
             ("round_robin", BalancerKind::RoundRobin, vec![1u32; n]),
             (
@@ -39,12 +48,45 @@ fn pick(c: &mut Criterion) {
                 BalancerKind::RoundRobin,
                 (0..n).map(|i| 1 + (i % 5) as u32).collect(),
             ),
+            ("least_conn", BalancerKind::LeastConn, vec![1u32; n]),
+            ("p2c", BalancerKind::P2c, vec![1u32; n]),
+            ("random", BalancerKind::Random, vec![1u32; n]),
+            ("consistent_hash", ring, vec![1u32; n]),
+            ("consistent_hash_bounded", bounded, vec![1u32; n]),
         ] {
-            let balancer: Box<dyn Balancer> = balance::build(kind, &weights);
+            let balancer: Box<dyn Balancer> = balance::build(kind, &weights, &addresses, 42);
+            let mut key = 0u64;
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
-                b.iter(|| black_box(balancer.pick(&list, black_box(None), &|_| true)))
+                b.iter(|| {
+                    key = key.wrapping_add(1);
+                    black_box(balancer.pick(&list, black_box(Some(key)), &|_| true))
+                })
             });
         }
+    }
+    group.finish();
+}
+
+fn ring_build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ring_build");
+    group.sample_size(10);
+    for n in [3usize, 100, 10_000] {
+        let addresses: Vec<String> = (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i >> 8, i & 255))
+            .collect();
+        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+        let weights = vec![1u32; n];
+        group.bench_with_input(BenchmarkId::new("consistent_hash_160", n), &n, |b, _| {
+            b.iter(|| {
+                black_box(ConsistentHash::new(
+                    black_box(&addresses),
+                    &weights,
+                    160,
+                    0.0,
+                    1,
+                ))
+            })
+        });
     }
     group.finish();
 }
@@ -56,5 +98,5 @@ fn config_parse(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pick, config_parse);
+criterion_group!(benches, pick, ring_build, config_parse);
 criterion_main!(benches);

@@ -6,8 +6,19 @@
 //! not move while a backend is merely down), skips ineligible backends
 //! itself, and returns `None` only when none is eligible.
 
+mod consistent_hash;
+mod least_conn;
+mod p2c;
+mod random;
 mod round_robin;
+mod sample;
+#[cfg(test)]
+mod tests;
 
+pub use consistent_hash::{hash_key, ConsistentHash};
+pub use least_conn::LeastConn;
+pub use p2c::P2c;
+pub use random::Random;
 pub use round_robin::{RoundRobin, SmoothTable};
 
 use std::sync::Arc;
@@ -27,10 +38,30 @@ pub trait Balancer: Send + Sync {
     ) -> Option<usize>;
 }
 
-/// Builds the balancer `kind` for backends with these weights (in the order
-/// the snapshot keeps them).
-pub fn build(kind: BalancerKind, weights: &[u32]) -> Box<dyn Balancer> {
+/// Builds the balancer `kind` for backends with these weights and
+/// addresses (both in the order the snapshot keeps the backends). The
+/// addresses are the consistent-hash ring keys; `seed` fixes the random
+/// draws of the balancers that make them.
+pub fn build(
+    kind: BalancerKind,
+    weights: &[u32],
+    addresses: &[&str],
+    seed: u64,
+) -> Box<dyn Balancer> {
     match kind {
         BalancerKind::RoundRobin => Box::new(RoundRobin::new(weights)),
+        BalancerKind::LeastConn => Box::new(LeastConn::new(weights, seed)),
+        BalancerKind::P2c => Box::new(P2c::new(weights, seed)),
+        BalancerKind::ConsistentHash {
+            vnodes,
+            bounded_load,
+        } => Box::new(ConsistentHash::new(
+            addresses,
+            weights,
+            vnodes,
+            bounded_load,
+            seed,
+        )),
+        BalancerKind::Random => Box::new(Random::new(weights, seed)),
     }
 }

@@ -169,9 +169,20 @@ pub enum RouteTarget {
     Split(Vec<(String, u32)>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an upstream picks a backend (SPEC section 3).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BalancerKind {
+    /// Smooth weighted round robin.
     RoundRobin,
+    /// Fewest in flight per unit of weight, ties at random.
+    LeastConn,
+    /// The less loaded of two random backends.
+    P2c,
+    /// A ring of `vnodes` points per unit of weight; `bounded_load` is the
+    /// balance factor (0 = off).
+    ConsistentHash { vnodes: u32, bounded_load: f64 },
+    /// Weighted random.
+    Random,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

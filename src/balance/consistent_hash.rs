@@ -1,0 +1,216 @@
+//! Consistent hashing on a ring of virtual nodes, with optional bounded
+//! load.
+//!
+//! # Hash
+//!
+//! Ring points and request keys use one named, stable 64-bit hash:
+//! **FNV-1a 64** (offset basis `0xcbf29ce484222325`, prime
+//! `0x100000001b3`) over the bytes, followed by the **SplitMix64 finalizer**
+//! (shifts 30/27/31, multipliers `0xbf58476d1ce4e5b9`, `0x94d049bb133111eb`)
+//! so that inputs differing only in their last bytes (`"…-1"`, `"…-2"`)
+//! land far apart. It has no per-process seed: two Sluice processes with the
+//! same config build the same ring, so replicas agree on every key. Changing
+//! it remaps users; the golden test pins it.
+//!
+//! # Ring
+//!
+//! A backend of weight `w` gets `vnodes * w` points, point `v` being the
+//! hash of `"{address}-{v}"`. Points depend only on the set of addresses,
+//! and equal points are ordered by address, so the ring does not depend on
+//! the order of backends in the file. The ring is a sorted
+//! `Vec<(point, backend index)>` built once per snapshot from the full
+//! backend list (a down backend keeps its points); a lookup is a binary
+//! search.
+//!
+//! # Pick
+//!
+//! `pick(Some(key))` mixes the key with the SplitMix64 finalizer (a
+//! bijection, so callers may pass any `u64`, raw or from [`hash_key`]) and
+//! walks clockwise from it, skipping ineligible backends. `pick(None)`
+//! starts from a random point instead, which spreads keyless calls in
+//! proportion to the ring shares.
+//!
+//! # Bounded load
+//!
+//! With a balance factor `c > 0` (Mirrokni, Thorup, Zadimoghaddam 2017;
+//! HAProxy's `hash-balance-factor`), a backend is full when
+//! `in_flight + 1 > ceil(c * (total_in_flight + 1) / eligible_count)` and the
+//! walk spills to the next distinct backend on the ring. This reads every
+//! backend's in-flight count, so such a pick is O(n). When every eligible
+//! backend is full (possible only with `c < 1`) the first eligible one on
+//! the walk is used. `c = 0` turns it off.
+
+use std::sync::Arc;
+
+use super::sample::SharedRng;
+use super::Balancer;
+use crate::upstream::backend::BackendState;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// The ring hash of `bytes`: FNV-1a 64 then the SplitMix64 finalizer.
+/// Stable across processes, platforms and releases.
+pub fn hash_key(bytes: &[u8]) -> u64 {
+    let mut h = Fnv1a::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Streaming form of [`hash_key`], so ring points need no allocation.
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Self {
+        Fnv1a(FNV_OFFSET)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(FNV_PRIME);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        mix64(self.0)
+    }
+}
+
+/// The SplitMix64 finalizer.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The ring point of virtual node `vnode` of the backend at `address`:
+/// the hash of `"{address}-{vnode}"`.
+fn vnode_point(address: &str, vnode: u64) -> u64 {
+    let mut h = Fnv1a::new();
+    h.write(address.as_bytes());
+    h.write(b"-");
+    h.write(itoa::Buffer::new().format(vnode).as_bytes());
+    h.finish()
+}
+
+/// A ring of virtual nodes; the same key goes to the same backend while it
+/// is eligible (and, with bounded load, not full).
+pub struct ConsistentHash {
+    /// Sorted by point, then by address.
+    ring: Box<[(u64, u32)]>,
+    /// Backends with points on the ring.
+    backend_count: usize,
+    /// The balance factor `c`; bounded load is on when it is above 0.
+    bounded_load: f64,
+    rng: SharedRng,
+}
+
+impl ConsistentHash {
+    /// A ring over `addresses` (the backend keys, in the order the snapshot
+    /// keeps the backends) with `vnodes` points per unit of weight (0 counts
+    /// as 1, as does a weight of 0 or a missing weight). `bounded_load` is
+    /// the balance factor `c` (0 = off); `seed` fixes the starting points of
+    /// keyless picks.
+    pub fn new(
+        addresses: &[&str],
+        weights: &[u32],
+        vnodes: u32,
+        bounded_load: f64,
+        seed: u64,
+    ) -> Self {
+        let vnodes = u64::from(vnodes.max(1));
+        let mut ring = Vec::new();
+        for (i, address) in addresses.iter().enumerate() {
+            let Ok(index) = u32::try_from(i) else { break };
+            let weight = u64::from(weights.get(i).copied().unwrap_or(1).max(1));
+            ring.extend((0..vnodes * weight).map(|v| (vnode_point(address, v), index)));
+        }
+        // Order equal points by address, not by position in the file.
+        ring.sort_unstable_by(|a, b| {
+            let addr = |i: u32| addresses.get(i as usize).copied().unwrap_or_default();
+            (a.0, addr(a.1), a.1).cmp(&(b.0, addr(b.1), b.1))
+        });
+        ConsistentHash {
+            ring: ring.into_boxed_slice(),
+            backend_count: addresses.len().min(u32::MAX as usize),
+            bounded_load,
+            rng: SharedRng::new(seed),
+        }
+    }
+
+    /// The ring, sorted: `(point, backend index)`.
+    pub fn points(&self) -> &[(u64, u32)] {
+        &self.ring
+    }
+
+    /// The most in flight a backend may have before taking one more, or
+    /// `None` when bounded load is off; `Err(())` when nothing is eligible.
+    fn capacity(
+        &self,
+        backends: &[Arc<BackendState>],
+        eligible: &dyn Fn(&BackendState) -> bool,
+    ) -> Result<Option<f64>, ()> {
+        if self.bounded_load.is_nan() || self.bounded_load <= 0.0 {
+            return Ok(None);
+        }
+        let (total, count) = backends
+            .iter()
+            .filter(|b| eligible(b))
+            .fold((0usize, 0usize), |(t, c), b| (t + b.in_flight(), c + 1));
+        if count == 0 {
+            return Err(());
+        }
+        Ok(Some(
+            (self.bounded_load * (total as f64 + 1.0) / count as f64).ceil(),
+        ))
+    }
+}
+
+impl Balancer for ConsistentHash {
+    fn pick(
+        &self,
+        backends: &[Arc<BackendState>],
+        key: Option<u64>,
+        eligible: &dyn Fn(&BackendState) -> bool,
+    ) -> Option<usize> {
+        let Ok(capacity) = self.capacity(backends, eligible) else {
+            return None;
+        };
+        let start = match key {
+            Some(key) => mix64(key),
+            None => self.rng.next_u64(),
+        };
+        let len = self.ring.len();
+        let from = self.ring.partition_point(|&(p, _)| p < start);
+        // Allocated on the first rejected backend only: the common pick
+        // takes the first point it meets.
+        let mut visited: Option<Vec<bool>> = None;
+        let mut seen = 0;
+        let mut first_full = None;
+        for step in 0..len {
+            let i = self.ring[(from + step) % len].1 as usize;
+            if visited.as_ref().is_some_and(|v| v[i]) {
+                continue;
+            }
+            if let Some(b) = backends.get(i) {
+                if eligible(b) {
+                    match capacity {
+                        Some(cap) if (b.in_flight() + 1) as f64 > cap => {
+                            first_full.get_or_insert(i);
+                        }
+                        _ => return Some(i),
+                    }
+                }
+            }
+            visited.get_or_insert_with(|| vec![false; self.backend_count])[i] = true;
+            seen += 1;
+            if seen == self.backend_count {
+                break;
+            }
+        }
+        // Every backend on the ring is full or ineligible; backends beyond
+        // the ring (a caller passing more than it built with) come last.
+        first_full.or_else(|| backends.iter().position(|b| eligible(b)))
+    }
+}
