@@ -1,12 +1,13 @@
 //! `pick` per balancer at 3, 100 and 10,000 backends, and config parsing.
 
 use std::hint::black_box;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::admin::metrics::Metrics;
 use sluice::balance::{self, Balancer, ConsistentHash};
-use sluice::config::BalancerKind;
+use sluice::config::{BalancerKind, DEFAULT_VNODES};
 use sluice::upstream::backend::{BackendKey, BackendState};
 
 fn backends(n: usize, metrics: &Metrics) -> Vec<Arc<BackendState>> {
@@ -34,11 +35,11 @@ fn pick(c: &mut Criterion) {
         let list = backends(n, &metrics);
         let addresses: Vec<&str> = list.iter().map(|b| &*b.key.address).collect();
         let ring = BalancerKind::ConsistentHash {
-            vnodes: 160,
+            vnodes: DEFAULT_VNODES,
             bounded_load: 0.0,
         };
         let bounded = BalancerKind::ConsistentHash {
-            vnodes: 160,
+            vnodes: DEFAULT_VNODES,
             bounded_load: 1.25,
         };
         for (name, kind, weights) in [
@@ -54,7 +55,11 @@ fn pick(c: &mut Criterion) {
             ("consistent_hash", ring, vec![1u32; n]),
             ("consistent_hash_bounded", bounded, vec![1u32; n]),
         ] {
-            let balancer: Box<dyn Balancer> = balance::build(kind, &weights, &addresses, 42);
+            // As in an upstream: bounded load reads the upstream's in-flight
+            // total, here one request (the one being placed).
+            let total = Arc::new(AtomicUsize::new(1));
+            let balancer: Box<dyn Balancer> =
+                balance::build(kind, &weights, &addresses, 42, Some(total));
             let mut key = 0u64;
             group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                 b.iter(|| {
@@ -76,12 +81,12 @@ fn ring_build(c: &mut Criterion) {
             .collect();
         let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let weights = vec![1u32; n];
-        group.bench_with_input(BenchmarkId::new("consistent_hash_160", n), &n, |b, _| {
+        group.bench_with_input(BenchmarkId::new("consistent_hash", n), &n, |b, _| {
             b.iter(|| {
                 black_box(ConsistentHash::new(
                     black_box(&addresses),
                     &weights,
-                    160,
+                    DEFAULT_VNODES,
                     0.0,
                     1,
                 ))

@@ -15,7 +15,9 @@
 //! # Ring
 //!
 //! A backend of weight `w` gets `vnodes * w` points, point `v` being the
-//! hash of `"{address}-{v}"`. Points depend only on the set of addresses,
+//! hash of `"{address}-{v}"`. The ring holds at most [`MAX_RING_POINTS`]:
+//! for very large upstreams `vnodes` is lowered to fit, which drops only
+//! each backend's highest-numbered points. Points depend only on the set of addresses,
 //! and equal points are ordered by address, so the ring does not depend on
 //! the order of backends in the file. The ring is a sorted
 //! `Vec<(point, backend index)>` built once per snapshot from the full
@@ -35,16 +37,23 @@
 //! With a balance factor `c > 0` (Mirrokni, Thorup, Zadimoghaddam 2017;
 //! HAProxy's `hash-balance-factor`), a backend is full when
 //! `in_flight + 1 > ceil(c * (total_in_flight + 1) / eligible_count)` and the
-//! walk spills to the next distinct backend on the ring. This reads every
-//! backend's in-flight count, so such a pick is O(n). When every eligible
+//! walk spills to the next distinct backend on the ring. An upstream hands
+//! the ring its own in-flight total ([`ConsistentHash::with_total_in_flight`],
+//! which already counts the request being placed), so a pick reads one
+//! counter and stays O(log n), taking every backend as eligible for the mean;
+//! without it the pick sums every backend's in-flight count, O(n). When every eligible
 //! backend is full (possible only with `c < 1`) the first eligible one on
 //! the walk is used. `c = 0` turns it off.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::sample::SharedRng;
 use super::Balancer;
 use crate::upstream::backend::BackendState;
+
+/// Most points a ring holds (16 bytes each).
+pub const MAX_RING_POINTS: u64 = 1 << 20;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -103,6 +112,8 @@ pub struct ConsistentHash {
     backend_count: usize,
     /// The balance factor `c`; bounded load is on when it is above 0.
     bounded_load: f64,
+    /// The upstream's requests in flight, including the one being placed.
+    total_in_flight: Option<Arc<AtomicUsize>>,
     rng: SharedRng,
 }
 
@@ -119,7 +130,10 @@ impl ConsistentHash {
         bounded_load: f64,
         seed: u64,
     ) -> Self {
-        let vnodes = u64::from(vnodes.max(1));
+        let total_weight: u64 = (0..addresses.len())
+            .map(|i| u64::from(weights.get(i).copied().unwrap_or(1).max(1)))
+            .sum();
+        let vnodes = u64::from(vnodes.max(1)).min((MAX_RING_POINTS / total_weight.max(1)).max(1));
         let mut ring = Vec::new();
         for (i, address) in addresses.iter().enumerate() {
             let Ok(index) = u32::try_from(i) else { break };
@@ -135,8 +149,16 @@ impl ConsistentHash {
             ring: ring.into_boxed_slice(),
             backend_count: addresses.len().min(u32::MAX as usize),
             bounded_load,
+            total_in_flight: None,
             rng: SharedRng::new(seed),
         }
+    }
+
+    /// Bounded load reads the upstream's in-flight total from `total` (which
+    /// counts the request being placed) instead of summing the backends.
+    pub fn with_total_in_flight(mut self, total: Arc<AtomicUsize>) -> Self {
+        self.total_in_flight = Some(total);
+        self
     }
 
     /// The ring, sorted: `(point, backend index)`.
@@ -153,6 +175,13 @@ impl ConsistentHash {
     ) -> Result<Option<f64>, ()> {
         if self.bounded_load.is_nan() || self.bounded_load <= 0.0 {
             return Ok(None);
+        }
+        if let Some(total) = &self.total_in_flight {
+            let total = total.load(Ordering::Relaxed).max(1);
+            let count = backends.len().max(1);
+            return Ok(Some(
+                (self.bounded_load * total as f64 / count as f64).ceil(),
+            ));
         }
         let (total, count) = backends
             .iter()

@@ -21,6 +21,7 @@ pub use p2c::P2c;
 pub use random::Random;
 pub use round_robin::{RoundRobin, SmoothTable};
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::config::BalancerKind;
@@ -41,12 +42,14 @@ pub trait Balancer: Send + Sync {
 /// Builds the balancer `kind` for backends with these weights and
 /// addresses (both in the order the snapshot keeps the backends). The
 /// addresses are the consistent-hash ring keys; `seed` fixes the random
-/// draws of the balancers that make them.
+/// draws of the balancers that make them; `total_in_flight` is the
+/// upstream's own in-flight count, which bounded load reads.
 pub fn build(
     kind: BalancerKind,
     weights: &[u32],
     addresses: &[&str],
     seed: u64,
+    total_in_flight: Option<Arc<AtomicUsize>>,
 ) -> Box<dyn Balancer> {
     match kind {
         BalancerKind::RoundRobin => Box::new(RoundRobin::new(weights)),
@@ -55,13 +58,13 @@ pub fn build(
         BalancerKind::ConsistentHash {
             vnodes,
             bounded_load,
-        } => Box::new(ConsistentHash::new(
-            addresses,
-            weights,
-            vnodes,
-            bounded_load,
-            seed,
-        )),
+        } => {
+            let ring = ConsistentHash::new(addresses, weights, vnodes, bounded_load, seed);
+            match total_in_flight {
+                Some(total) => Box::new(ring.with_total_in_flight(total)),
+                None => Box::new(ring),
+            }
+        }
         BalancerKind::Random => Box::new(Random::new(weights, seed)),
     }
 }

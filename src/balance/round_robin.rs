@@ -187,6 +187,30 @@ mod tests {
         assert_eq!(table.next_where(|_| false), None);
     }
 
+    proptest::proptest! {
+        /// Every full cycle gives each backend exactly its weight, and a
+        /// weight-1 backend is never picked twice in a row while others
+        /// exist (across cycle boundaries too).
+        #[test]
+        fn each_cycle_gives_exact_shares_and_no_weight_one_repeats(
+            weights in proptest::collection::vec(1u32..12, 1..9),
+        ) {
+            let total: usize = weights.iter().map(|&w| w as usize).sum();
+            let picks = cycle(&weights, total * 3);
+            for chunk in picks.chunks(total) {
+                for (i, &w) in weights.iter().enumerate() {
+                    proptest::prop_assert_eq!(chunk.iter().filter(|&&p| p == i).count(), w as usize);
+                }
+            }
+            if weights.len() > 1 {
+                for pair in picks.windows(2) {
+                    let repeated = pair[0] == pair[1] && weights[pair[0]] == 1;
+                    proptest::prop_assert!(!repeated, "weight-1 backend {} twice in a row", pair[0]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn huge_weight_sums_use_the_live_sequence_with_the_same_shares() {
         let weights = [70_000, 1, 70_001];

@@ -61,7 +61,7 @@ fn all_kinds() -> Vec<BalancerKind> {
 
 fn build_for(kind: BalancerKind, list: &[Arc<BackendState>], weights: &[u32]) -> Box<dyn Balancer> {
     let addresses: Vec<&str> = list.iter().map(|b| &*b.key.address).collect();
-    build(kind, weights, &addresses, 1)
+    build(kind, weights, &addresses, 1, None)
 }
 
 fn ring(addresses: &[String], vnodes: u32) -> ConsistentHash {
@@ -304,8 +304,9 @@ fn spread(vnodes: u32) -> Vec<f64> {
 // A backend's ring share with k points out of N = n * k is Beta(k, N - k):
 // relative standard deviation sqrt((1 - 1/n) / k), 7.5% for k = 160 and
 // n = 10. So +-10% at 160 vnodes is only ~1.3 sigma per backend, and any
-// well-mixed hash fails it for some address sets; 160 vnodes is held to
-// +-20% (2.7 sigma) and +-10% is checked at 1000 vnodes (3.3 sigma).
+// well-mixed hash fails it for some address sets. That is why the default
+// is 1024 vnodes (3% sigma; +-10% is 3.3 sigma), checked here; 160 is held
+// to +-20% (2.7 sigma).
 #[test]
 fn keys_spread_within_twenty_percent_over_ten_equal_backends_at_160_vnodes() {
     let shares = spread(160);
@@ -313,9 +314,17 @@ fn keys_spread_within_twenty_percent_over_ten_equal_backends_at_160_vnodes() {
 }
 
 #[test]
-fn keys_spread_within_ten_percent_over_ten_equal_backends_at_1000_vnodes() {
-    let shares = spread(1000);
+fn keys_spread_within_ten_percent_over_ten_equal_backends_at_the_default_vnodes() {
+    let shares = spread(crate::config::DEFAULT_VNODES);
     assert!(shares.iter().all(|s| (0.9..=1.1).contains(s)), "{shares:?}");
+}
+
+#[test]
+fn a_huge_ring_is_capped_by_lowering_vnodes() {
+    let addresses: Vec<String> = (0..2048).map(address).collect();
+    let ring = ring(&addresses, crate::config::DEFAULT_VNODES);
+    assert!(ring.points().len() as u64 <= super::consistent_hash::MAX_RING_POINTS);
+    assert_eq!(ring.points().len(), 2048 * 512);
 }
 
 #[test]

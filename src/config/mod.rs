@@ -185,6 +185,26 @@ pub enum BalancerKind {
     Random,
 }
 
+/// What a consistent-hash upstream hashes to pick a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address (TCP sessions always use this).
+    ClientIp,
+    /// The value of a request header (lower-cased name).
+    Header(HeaderName),
+    /// The value of a cookie.
+    Cookie(String),
+    /// The value of a query-string parameter.
+    Query(String),
+    /// The request path, without the query.
+    Path,
+}
+
+/// Default virtual nodes per unit of weight on a consistent-hash ring.
+pub const DEFAULT_VNODES: u32 = 1024;
+/// Default bounded-load balance factor.
+pub const DEFAULT_BOUNDED_LOAD: f64 = 1.25;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
     Http1,
@@ -196,6 +216,8 @@ pub enum UpstreamProtocol {
 pub struct UpstreamConfig {
     pub name: String,
     pub balancer: BalancerKind,
+    /// What `consistent_hash` hashes (ignored by the other balancers).
+    pub hash_key: HashKey,
     pub backends: Vec<BackendConfig>,
     pub protocol: UpstreamProtocol,
     /// Requests in flight across the whole upstream; 0 = unlimited.

@@ -284,6 +284,22 @@ impl<'a, 'i> TableReader<'a, 'i> {
         expect_int(problems, value, &self.key_path(key)).map(|n| Spanned::new(value.span(), n))
     }
 
+    /// A number: a TOML float, or an integer read as one.
+    pub fn float(&self, problems: &mut Problems, key: &str) -> Option<Spanned<f64>> {
+        let value = self.get(key)?;
+        let n = match value.get_ref() {
+            DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
+            DeValue::Integer(_) => {
+                expect_int(problems, value, &self.key_path(key)).map(|n| n as f64)
+            }
+            _ => {
+                wrong_type(problems, value, &self.key_path(key), "number");
+                return None;
+            }
+        };
+        n.map(|n| Spanned::new(value.span(), n))
+    }
+
     pub fn bool(&self, problems: &mut Problems, key: &str) -> Option<Spanned<bool>> {
         let value = self.get(key)?;
         expect_bool(problems, value, &self.key_path(key)).map(|b| Spanned::new(value.span(), b))

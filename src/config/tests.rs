@@ -249,7 +249,11 @@ fn the_example_file_is_valid() {
     let config = parse(include_str!("../../config/sluice.toml"));
     assert_eq!(config.listeners.len(), 1);
     assert_eq!(config.listeners[0].routes.len(), 2);
-    assert_eq!(config.upstreams.len(), 2);
+    assert_eq!(config.upstreams.len(), 3);
+    assert_eq!(
+        config.upstreams[2].hash_key,
+        HashKey::Header(http::HeaderName::from_static("x-user-id"))
+    );
 }
 
 #[test]
@@ -621,7 +625,7 @@ fn enumerated_values_list_what_is_allowed() {
     let error = one_error(&upstream_with("balancer = \"fastest\""));
     assert_eq!(
         error.message,
-        "unknown balancer \"fastest\" (allowed: round_robin)"
+        "unknown balancer \"fastest\" (allowed: round_robin, least_conn, p2c, consistent_hash, random)"
     );
 }
 
@@ -644,12 +648,6 @@ fn each_unsupported_key_is_rejected_as_not_supported_yet() {
         ),
     ];
     let upstream_cases = [
-        ("balancer = \"least_conn\"", "upstream[0].balancer"),
-        ("balancer = \"p2c\"", "upstream[0].balancer"),
-        ("balancer = \"consistent_hash\"", "upstream[0].balancer"),
-        ("balancer = \"random\"", "upstream[0].balancer"),
-        ("hash_key = \"client_ip\"", "upstream[0].hash_key"),
-        ("hash = { vnodes = 160 }", "upstream[0].hash"),
         ("discovery = { dns = \"app:80\" }", "upstream[0].discovery"),
         ("retry = { attempts = 3 }", "upstream[0].retry"),
         (
@@ -922,4 +920,95 @@ fn an_upstream_needs_at_least_one_backend() {
 fn unreferenced_upstreams_are_allowed() {
     let text = format!("{MINIMAL}\n[[upstream]]\nname = \"spare\"\nbackends = [\"127.0.0.1:9\"]\n");
     assert_eq!(parse(&text).upstreams.len(), 2);
+}
+
+#[test]
+fn every_balancer_is_accepted_with_its_knobs() {
+    for (text, kind) in [
+        ("balancer = \"round_robin\"", BalancerKind::RoundRobin),
+        ("balancer = \"least_conn\"", BalancerKind::LeastConn),
+        ("balancer = \"p2c\"", BalancerKind::P2c),
+        ("balancer = \"random\"", BalancerKind::Random),
+        (
+            "balancer = \"consistent_hash\"",
+            BalancerKind::ConsistentHash {
+                vnodes: crate::config::DEFAULT_VNODES,
+                bounded_load: crate::config::DEFAULT_BOUNDED_LOAD,
+            },
+        ),
+        (
+            "balancer = \"consistent_hash\"\nhash = { vnodes = 160, bounded_load = 0 }",
+            BalancerKind::ConsistentHash {
+                vnodes: 160,
+                bounded_load: 0.0,
+            },
+        ),
+    ] {
+        let config = parse(&upstream_with(text));
+        assert_eq!(config.upstreams[0].balancer, kind, "{text}");
+        assert_eq!(config.upstreams[0].hash_key, HashKey::ClientIp);
+    }
+}
+
+#[test]
+fn hash_keys_parse_and_bad_ones_are_errors() {
+    for (text, key) in [
+        ("client_ip", HashKey::ClientIp),
+        ("path", HashKey::Path),
+        (
+            "header:X-User",
+            HashKey::Header(http::HeaderName::from_static("x-user")),
+        ),
+        ("cookie:session", HashKey::Cookie("session".into())),
+        ("query:user", HashKey::Query("user".into())),
+    ] {
+        let config = parse(&upstream_with(&format!(
+            "balancer = \"consistent_hash\"\nhash_key = \"{text}\""
+        )));
+        assert_eq!(config.upstreams[0].hash_key, key, "{text}");
+    }
+    for bad in ["header:", "host", "cookie:", "header:bad name"] {
+        let error = one_error(&upstream_with(&format!(
+            "balancer = \"consistent_hash\"\nhash_key = \"{bad}\""
+        )));
+        assert_eq!(error.path, "upstream[0].hash_key", "{bad}");
+        assert!(
+            error.message.contains("allowed: client_ip"),
+            "{}",
+            error.message
+        );
+    }
+}
+
+#[test]
+fn hash_settings_are_checked_and_only_apply_to_consistent_hash() {
+    let error = one_error(&upstream_with(
+        "balancer = \"consistent_hash\"\nhash = { bounded_load = 0.5 }",
+    ));
+    assert_eq!(error.path, "upstream[0].hash.bounded_load");
+    assert!(
+        error.message.contains("between 1.0 and 100.0"),
+        "{}",
+        error.message
+    );
+
+    let error = one_error(&upstream_with(
+        "balancer = \"consistent_hash\"\nhash = { vnodes = 0 }",
+    ));
+    assert_eq!(error.path, "upstream[0].hash.vnodes");
+
+    let error = one_error(&upstream_with(
+        "balancer = \"consistent_hash\"\nhash = { vnode = 10 }",
+    ));
+    assert!(
+        error.message.contains("unknown key \"vnode\""),
+        "{}",
+        error.message
+    );
+
+    let error = one_error(&upstream_with("balancer = \"p2c\"\nhash_key = \"path\""));
+    assert_eq!(error.path, "upstream[0].hash_key");
+    assert!(error
+        .message
+        .contains("only applies to balancer = \"consistent_hash\""));
 }

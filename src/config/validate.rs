@@ -21,10 +21,10 @@ use super::schema::{
     did_you_mean, expect_str, expect_table, join_index, Problems, TableReader, Value,
 };
 use super::{
-    AdminConfig, BackendConfig, BalancerKind, Cidr, Config, ConfigSource, HostMatch,
+    AdminConfig, BackendConfig, BalancerKind, Cidr, Config, ConfigSource, HashKey, HostMatch,
     ListenerConfig, ListenerProtocol, ListenerTimeouts, LogConfig, LogFormat, PoolConfig,
     RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig, UpstreamProtocol,
-    UpstreamTimeouts,
+    UpstreamTimeouts, DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -57,6 +57,8 @@ const SPLIT_KEYS: &[&str] = &["upstream", "weight"];
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
     "balancer",
+    "hash_key",
+    "hash",
     "backends",
     "protocol",
     "max_in_flight",
@@ -65,9 +67,8 @@ const UPSTREAM_KEYS: &[&str] = &[
     "pool",
     "timeouts",
 ];
+const HASH_KEYS: &[&str] = &["vnodes", "bounded_load"];
 const UPSTREAM_UNSUPPORTED: &[&str] = &[
-    "hash_key",
-    "hash",
     "discovery",
     "retry",
     "health_check",
@@ -92,6 +93,7 @@ pub(super) const ACCEPTED_KEYS: &[&[&str]] = &[
     ROUTE_KEYS,
     SPLIT_KEYS,
     UPSTREAM_KEYS,
+    HASH_KEYS,
     BACKEND_KEYS,
     POOL_KEYS,
     UPSTREAM_TIMEOUT_KEYS,
@@ -494,6 +496,105 @@ fn split(
 // ---------------------------------------------------------------------------
 // Upstreams and backends
 
+/// `balancer`, with `hash` and `hash_key` for `consistent_hash` (and an
+/// error where they are given to another balancer).
+fn balancer(t: &TableReader<'_, '_>, problems: &mut Problems) -> (BalancerKind, HashKey) {
+    let name = choice(
+        t,
+        problems,
+        "balancer",
+        &[
+            "round_robin",
+            "least_conn",
+            "p2c",
+            "consistent_hash",
+            "random",
+        ],
+        &[],
+    );
+    let hash_table = t.section(problems, "hash");
+    hash_table.reject_unknown_keys(problems, HASH_KEYS, &[]);
+    let key = hash_key(t, problems);
+    let kind = match name {
+        Some("least_conn") => BalancerKind::LeastConn,
+        Some("p2c") => BalancerKind::P2c,
+        Some("random") => BalancerKind::Random,
+        Some("consistent_hash") => {
+            let vnodes = int_in(
+                &hash_table,
+                problems,
+                "vnodes",
+                1..=65_536,
+                i64::from(DEFAULT_VNODES),
+            );
+            let bounded_load = match hash_table.float(problems, "bounded_load") {
+                None => DEFAULT_BOUNDED_LOAD,
+                Some(c) => {
+                    let v = *c.get_ref();
+                    if v == 0.0 || (1.0..=100.0).contains(&v) {
+                        v
+                    } else {
+                        problems.push(
+                            c.span(),
+                            &hash_table.key_path("bounded_load"),
+                            format!("must be 0 (off) or between 1.0 and 100.0, found {v}"),
+                        );
+                        DEFAULT_BOUNDED_LOAD
+                    }
+                }
+            };
+            BalancerKind::ConsistentHash {
+                vnodes: u32::try_from(vnodes).unwrap_or(DEFAULT_VNODES),
+                bounded_load,
+            }
+        }
+        _ => BalancerKind::RoundRobin,
+    };
+    if name.is_some() && name != Some("consistent_hash") {
+        for key in ["hash", "hash_key"] {
+            if let Some(value) = t.get(key) {
+                problems.push(
+                    value.span(),
+                    &t.key_path(key),
+                    format!("{key} only applies to balancer = \"consistent_hash\""),
+                );
+            }
+        }
+    }
+    (kind, key.unwrap_or(HashKey::ClientIp))
+}
+
+/// `hash_key`: client_ip | header:NAME | cookie:NAME | query:NAME | path.
+fn hash_key(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<HashKey> {
+    let value = t.str(problems, "hash_key")?;
+    let text = *value.get_ref();
+    let path = t.key_path("hash_key");
+    let named = |prefix: &str| text.strip_prefix(prefix).filter(|n| !n.is_empty());
+    let key = if text == "client_ip" {
+        Some(HashKey::ClientIp)
+    } else if text == "path" {
+        Some(HashKey::Path)
+    } else if let Some(name) = named("header:") {
+        HeaderName::from_bytes(name.as_bytes())
+            .ok()
+            .map(HashKey::Header)
+    } else if let Some(name) = named("cookie:") {
+        Some(HashKey::Cookie(name.to_owned()))
+    } else {
+        named("query:").map(|name| HashKey::Query(name.to_owned()))
+    };
+    if key.is_none() {
+        problems.push(
+            value.span(),
+            &path,
+            format!(
+                "invalid hash_key {text:?} (allowed: client_ip, header:NAME, cookie:NAME, query:NAME, path)"
+            ),
+        );
+    }
+    key
+}
+
 fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<UpstreamConfig> {
     t.reject_unknown_keys(problems, UPSTREAM_KEYS, UPSTREAM_UNSUPPORTED);
     for key in UPSTREAM_UNSUPPORTED {
@@ -501,15 +602,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
     }
 
     let name = name(t, problems);
-    // Only round_robin is built; the others are in SPEC and will come.
-    choice(
-        t,
-        problems,
-        "balancer",
-        &["round_robin"],
-        &["least_conn", "p2c", "consistent_hash", "random"],
-    );
-    let balancer = BalancerKind::RoundRobin;
+    let (balancer, hash_key) = balancer(t, problems);
     let backends = backends(t, problems);
     // "auto" picks h2 or http1 by ALPN, which needs upstream tls.
     let protocol = match choice(t, problems, "protocol", &["http1", "h2"], &["auto"]) {
@@ -573,6 +666,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
     Some(UpstreamConfig {
         name: name?,
         balancer,
+        hash_key,
         backends: backends?,
         protocol,
         max_in_flight,

@@ -6,7 +6,7 @@
 //! that its bookkeeping is recorded when the body ends. Every generated
 //! answer goes through [`error_response`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,7 +17,8 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::admin::metrics::Outcome;
-use crate::config::UpstreamProtocol;
+use crate::balance;
+use crate::config::{BalancerKind, HashKey, UpstreamConfig, UpstreamProtocol};
 use crate::proxy::body::{AccessLog, Exchange, ProxyBody, RequestBody};
 use crate::proxy::error::ProxyError;
 use crate::proxy::h1;
@@ -75,7 +76,8 @@ pub async fn handle(
     };
     exchange.permit = Some(permit);
 
-    let Some(backend) = upstream.pick(None) else {
+    let key = request_hash(&upstream.config, &parts, conn.peer.ip());
+    let Some(backend) = upstream.pick(key) else {
         upstream.shed.no_healthy_backend.inc();
         let err = ProxyError::NoHealthyBackend {
             upstream: upstream.name.to_string(),
@@ -148,6 +150,51 @@ pub async fn handle(
     }
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, ProxyBody::upstream(body, exchange))
+}
+
+/// The consistent-hash key of a request per the upstream's `hash_key`, or
+/// `None` for other balancers and for requests without the key (those are
+/// spread over the ring at random).
+fn request_hash(config: &UpstreamConfig, parts: &Parts, peer: IpAddr) -> Option<u64> {
+    if !matches!(config.balancer, BalancerKind::ConsistentHash { .. }) {
+        return None;
+    }
+    match &config.hash_key {
+        HashKey::ClientIp => Some(client_ip_hash(peer)),
+        HashKey::Header(name) => parts
+            .headers
+            .get(name)
+            .map(|v| balance::hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| balance::hash_key(v.as_bytes())),
+        HashKey::Query(name) => parts
+            .uri
+            .query()?
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| balance::hash_key(v.as_bytes())),
+        HashKey::Path => Some(balance::hash_key(parts.uri.path().as_bytes())),
+    }
+}
+
+/// The hash of a client address (an IPv4-mapped IPv6 address hashes as the
+/// IPv4 address, so dual-stack listeners agree).
+pub fn client_ip_hash(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => balance::hash_key(&v4.octets()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => balance::hash_key(&v4.octets()),
+            None => balance::hash_key(&v6.octets()),
+        },
+    }
 }
 
 fn new_exchange(

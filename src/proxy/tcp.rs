@@ -19,9 +19,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::admin::metrics::{ListenerMetrics, Outcome};
+use crate::config::BalancerKind;
 use crate::proxy::buffers;
 use crate::proxy::error::ProxyError;
-use crate::proxy::http::ConnInfo;
+use crate::proxy::http::{client_ip_hash, ConnInfo};
 use crate::state::Shared;
 use crate::upstream::backend::{BackendState, RequestGuard};
 use crate::upstream::Upstream;
@@ -79,7 +80,12 @@ pub async fn serve(
         );
         return;
     };
-    let (backend_stream, mut guard) = match connect_any(upstream, None).await {
+    // Sessions can only be keyed by the client's address.
+    let key = match upstream.config.balancer {
+        BalancerKind::ConsistentHash { .. } => Some(client_ip_hash(info.peer.ip())),
+        _ => None,
+    };
+    let (backend_stream, mut guard) = match connect_any(upstream, key).await {
         Ok(pair) => pair,
         Err(err) => {
             tracing::debug!(upstream = &*upstream.name, error = %err, "no backend for the session");

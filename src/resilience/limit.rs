@@ -36,6 +36,11 @@ impl InFlightLimit {
         })
     }
 
+    /// The live count of permits out, for readers such as bounded load.
+    pub fn counter(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.current)
+    }
+
     /// Permits currently out.
     pub fn current(&self) -> usize {
         self.current.load(Ordering::Relaxed)

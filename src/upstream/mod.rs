@@ -45,9 +45,17 @@ impl Upstream {
             .collect();
         let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
         let addresses: Vec<&str> = config.backends.iter().map(|b| b.address.as_str()).collect();
+        let limit = InFlightLimit::new(config.max_in_flight);
+        let balancer = balance::build(
+            config.balancer,
+            &weights,
+            &addresses,
+            fastrand::u64(..),
+            Some(limit.counter()),
+        );
         Upstream {
-            balancer: balance::build(config.balancer, &weights, &addresses, fastrand::u64(..)),
-            limit: InFlightLimit::new(config.max_in_flight),
+            balancer,
+            limit,
             client: UpstreamClient::new(config.protocol, &config.pool, config.timeouts.connect),
             shed: metrics.shed(&config.name),
             backends,

@@ -53,6 +53,11 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Backend::start_slow(name, Duration::ZERO).await
+    }
+
+    /// A backend that waits `delay` before every answer.
+    pub async fn start_slow(name: &str, delay: Duration) -> Backend {
         let socket = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
@@ -82,7 +87,12 @@ impl Backend {
                             hits.fetch_add(1, Ordering::SeqCst);
                             arrived.notify_waiters();
                             let name = Arc::clone(&name);
-                            async move { Ok::<_, Infallible>(answer(&name, req).await) }
+                            async move {
+                                if !delay.is_zero() {
+                                    tokio::time::sleep(delay).await;
+                                }
+                                Ok::<_, Infallible>(answer(&name, req).await)
+                            }
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
