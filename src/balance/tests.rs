@@ -408,3 +408,21 @@ fn golden_keys_map_to_pinned_backends() {
     ];
     assert_eq!(picked, expected);
 }
+
+#[test]
+fn bucket_index_lookup_agrees_with_a_search_of_the_whole_ring() {
+    for n in [1usize, 3, 100, 1000] {
+        let addresses: Vec<String> = (0..n).map(address).collect();
+        let ring = ring(&addresses, 50);
+        let points = ring.points();
+        let mut rng = fastrand::Rng::with_seed(n as u64);
+        let probes = (0..5000)
+            .map(|_| rng.u64(..))
+            .chain(points.iter().map(|&(p, _)| p))
+            .chain([0, u64::MAX]);
+        for probe in probes {
+            let expected = points.partition_point(|&(p, _)| p < probe);
+            assert_eq!(ring.position(probe), expected, "n={n} probe={probe}");
+        }
+    }
+}
