@@ -1,8 +1,10 @@
-//! The data path: listeners, routing, the HTTP pipeline and its errors.
+//! The data path: listeners, the PROXY protocol, routing, the HTTP pipeline
+//! and its errors.
 
 pub mod body;
 pub mod error;
 pub mod h1;
 pub mod http;
 pub mod listener;
+pub mod proxy_protocol;
 pub mod route;
