@@ -52,12 +52,15 @@ const V2_INET_LEN: u16 = 12;
 const V2_INET6_LEN: u16 = 36;
 const V2_UNIX_LEN: u16 = 216;
 
-/// How long [`read_header`] waits before peeking again at a partial header.
+/// How long [`read_header`] first waits before peeking again at a partial
+/// header, and the longest it waits while no new byte arrives.
 ///
 /// `peek` leaves the socket readable, so waiting on `readable()` would
-/// return at once and spin; a short sleep bounds the cost of a client that
-/// trickles its header.
+/// return at once and spin. A 1 ms sleep keeps a header that arrives in
+/// pieces quick to read; doubling it while the peer sends nothing bounds
+/// what a stalled peer costs until the timeout.
 const PEEK_RETRY: Duration = Duration::from_millis(1);
+const PEEK_RETRY_MAX: Duration = Duration::from_millis(16);
 
 /// What a PROXY protocol header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -523,6 +526,8 @@ pub async fn read_header(
 async fn read_header_unbounded(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyProtocolError> {
     // Large enough for parse to always decide (see DEFAULT_MAX_HEADER_LEN).
     let mut buf = vec![0u8; DEFAULT_MAX_HEADER_LEN.max(V1_MAX_LEN)];
+    let mut seen_before = 0;
+    let mut wait = PEEK_RETRY;
     loop {
         // Waits for readability when nothing is queued; returns what is.
         let seen = stream.peek(&mut buf).await?;
@@ -534,7 +539,15 @@ async fn read_header_unbounded(stream: &mut TcpStream) -> Result<ProxyHeader, Pr
                 stream.read_exact(&mut buf[..consumed]).await?;
                 return Ok(header);
             }
-            Parse::Incomplete => tokio::time::sleep(PEEK_RETRY).await,
+            Parse::Incomplete => {
+                wait = if seen > seen_before {
+                    PEEK_RETRY
+                } else {
+                    (wait * 2).min(PEEK_RETRY_MAX)
+                };
+                seen_before = seen;
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }

@@ -797,3 +797,41 @@ async fn read_header_reports_a_peer_that_closes_without_sending() {
     let result = read_header(&mut server, Duration::from_secs(5)).await;
     assert!(matches!(result, Err(E::Closed)), "{result:?}");
 }
+
+#[tokio::test]
+async fn read_header_resumes_after_the_peer_stalls_mid_header() {
+    let (mut client, mut server) = connected_pair().await;
+    let header = encode_v1(addr("192.0.2.1:1"), addr("198.51.100.2:2"));
+    let (first, second) = header.split_at(9);
+    let payload = b"\x16\x03\x01hello";
+    let reader = tokio::spawn(async move {
+        let parsed = read_header(&mut server, Duration::from_secs(5)).await;
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.expect("read payload");
+        (parsed, rest)
+    });
+    client.write_all(first).await.expect("write");
+    // Long enough for the reader's retry wait to reach its maximum.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .write_all(&[second, payload].concat())
+        .await
+        .expect("write");
+    client.shutdown().await.expect("shutdown");
+    let (parsed, rest) = reader.await.expect("reader");
+    assert_eq!(
+        parsed.expect("header parses"),
+        proxied("192.0.2.1:1", "198.51.100.2:2")
+    );
+    assert_eq!(rest, payload);
+}
+
+#[tokio::test]
+async fn read_header_times_out_when_the_peer_closes_mid_header() {
+    let (mut client, mut server) = connected_pair().await;
+    client.write_all(b"PROXY TCP4 1.2").await.expect("write");
+    client.shutdown().await.expect("shutdown");
+    let limit = Duration::from_millis(100);
+    let result = read_header(&mut server, limit).await;
+    assert!(matches!(result, Err(E::Timeout { .. })), "{result:?}");
+}
