@@ -1,4 +1,5 @@
-//! The data path: listeners, routing, the HTTP pipeline and its errors.
+//! The data path: listeners, the PROXY protocol, routing, the HTTP pipeline
+//! and its errors.
 
 pub mod body;
 pub mod buffers;
@@ -6,5 +7,6 @@ pub mod error;
 pub mod h1;
 pub mod http;
 pub mod listener;
+pub mod proxy_protocol;
 pub mod route;
 pub mod tcp;
