@@ -6,3 +6,4 @@ pub mod h1;
 pub mod http;
 pub mod listener;
 pub mod route;
+pub mod sni;
