@@ -423,6 +423,33 @@ fn sni_malformation_is_reported_before_the_rest_arrives() {
     assert_eq!(kind(&err), Kind::TooLarge);
 }
 
+#[test]
+fn sni_mutated_hellos_never_panic() {
+    // Every single-byte change and a few thousand random multi-byte ones, each
+    // also truncated: the parser must answer, never panic or loop.
+    let hs = handshake(&body(Some(&sni_ext(b"mutate.example"))));
+    let seeds = [rustls_hello("mutate.example"), records(&hs, &[30, 31, 90])];
+    let mut rng = fastrand::Rng::with_seed(0x5EED_5A1C);
+    for seed in seeds {
+        for i in 0..seed.len() {
+            for v in [0x00, 0x01, 0x20, 0x7F, 0x80, 0xFF] {
+                let mut m = seed.clone();
+                m[i] = v;
+                let _ = parse_client_hello(&m);
+            }
+        }
+        for _ in 0..2000 {
+            let mut m = seed.clone();
+            for _ in 0..rng.usize(1..6) {
+                let at = rng.usize(..m.len());
+                m[at] = rng.u8(..);
+            }
+            let cut = rng.usize(..=m.len());
+            let _ = parse_client_hello(&m[..cut]);
+        }
+    }
+}
+
 // ---- peek_sni over loopback ------------------------------------------------
 
 async fn pair() -> (TcpStream, TcpStream) {
