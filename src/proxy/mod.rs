@@ -10,3 +10,4 @@ pub mod listener;
 pub mod proxy_protocol;
 pub mod route;
 pub mod tcp;
+pub mod sni;
