@@ -29,6 +29,7 @@ pub struct Metrics {
     downstream_active: IntGaugeVec,
     downstream_total: IntCounterVec,
     tcp_bytes: IntCounterVec,
+    protocol_errors: IntCounterVec,
     config_reloads: IntCounterVec,
     config_last_reload: IntGauge,
 }
@@ -111,6 +112,11 @@ pub struct ListenerMetrics {
     pub bytes_rx: IntCounter,
     /// TCP listeners: bytes sent to clients.
     pub bytes_tx: IntCounter,
+    /// Connections closed for a malformed PROXY protocol header.
+    pub proxy_protocol_errors: IntCounter,
+    /// TLS passthrough connections closed for a missing or malformed
+    /// ClientHello.
+    pub client_hello_errors: IntCounter,
 }
 
 impl Metrics {
@@ -185,6 +191,11 @@ impl Metrics {
                 "sluice_tcp_bytes_total",
                 "Bytes moved by TCP listeners: rx from clients, tx to clients",
                 &["listener", "direction"],
+            ),
+            protocol_errors: counter(
+                "sluice_downstream_protocol_errors_total",
+                "Client connections closed before proxying for malformed protocol input",
+                &["listener", "kind"],
             ),
             config_reloads: counter(
                 "sluice_config_reloads_total",
@@ -271,6 +282,12 @@ impl Metrics {
                 .with_label_values(&[listener, "rejected"]),
             bytes_rx: self.tcp_bytes.with_label_values(&[listener, "rx"]),
             bytes_tx: self.tcp_bytes.with_label_values(&[listener, "tx"]),
+            proxy_protocol_errors: self
+                .protocol_errors
+                .with_label_values(&[listener, "proxy_protocol"]),
+            client_hello_errors: self
+                .protocol_errors
+                .with_label_values(&[listener, "client_hello"]),
         }
     }
 

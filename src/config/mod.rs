@@ -87,6 +87,11 @@ pub struct ListenerConfig {
     /// Default upstream when no route matches.
     pub upstream: Option<String>,
     pub max_connections: usize,
+    /// Expect a PROXY protocol v1/v2 header on every connection and use its
+    /// client address.
+    pub proxy_protocol: bool,
+    /// tcp only: route by the TLS ClientHello's SNI without terminating TLS.
+    pub tls_passthrough: bool,
     pub trusted_proxies: Vec<Cidr>,
     pub timeouts: ListenerTimeouts,
     pub routes: Vec<RouteConfig>,
@@ -156,6 +161,8 @@ pub enum HostMatch {
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub host: Option<HostMatch>,
+    /// tcp listeners with `tls_passthrough`: the ClientHello's server name.
+    pub sni: Option<HostMatch>,
     pub path_prefix: Option<String>,
     /// All must be present with exactly these values.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -183,6 +190,13 @@ pub enum BalancerKind {
     ConsistentHash { vnodes: u32, bounded_load: f64 },
     /// Weighted random.
     Random,
+}
+
+/// Which PROXY protocol header to send to backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolVersion {
+    V1,
+    V2,
 }
 
 /// What a consistent-hash upstream hashes to pick a backend.
@@ -218,6 +232,8 @@ pub struct UpstreamConfig {
     pub balancer: BalancerKind,
     /// What `consistent_hash` hashes (ignored by the other balancers).
     pub hash_key: HashKey,
+    /// Send a PROXY protocol header to backends (tcp listeners only).
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     pub backends: Vec<BackendConfig>,
     pub protocol: UpstreamProtocol,
     /// Requests in flight across the whole upstream; 0 = unlimited.

@@ -247,9 +247,10 @@ fn every_key_of_the_full_example_is_read() {
 #[test]
 fn the_example_file_is_valid() {
     let config = parse(include_str!("../../config/sluice.toml"));
-    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.listeners.len(), 3);
     assert_eq!(config.listeners[0].routes.len(), 2);
-    assert_eq!(config.upstreams.len(), 3);
+    assert_eq!(config.listeners[2].routes.len(), 1);
+    assert_eq!(config.upstreams.len(), 4);
     assert_eq!(
         config.upstreams[2].hash_key,
         HashKey::Header(http::HeaderName::from_static("x-user-id"))
@@ -634,19 +635,10 @@ fn enumerated_values_list_what_is_allowed() {
 
 #[test]
 fn each_unsupported_key_is_rejected_as_not_supported_yet() {
-    let listener_cases = [
-        ("protocol = \"tcp\"", "listener[0].protocol"),
-        ("proxy_protocol = true", "listener[0].proxy_protocol"),
-        ("tls_passthrough = true", "listener[0].tls_passthrough"),
-        (
-            "tls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }] }",
-            "listener[0].tls",
-        ),
-        (
-            "[[listener.route]]\nsni = \"db.example.com\"\nupstream = \"app\"",
-            "listener[0].route[0].sni",
-        ),
-    ];
+    let listener_cases = [(
+        "tls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }] }",
+        "listener[0].tls",
+    )];
     let upstream_cases = [
         ("discovery = { dns = \"app:80\" }", "upstream[0].discovery"),
         ("retry = { attempts = 3 }", "upstream[0].retry"),
@@ -1011,4 +1003,83 @@ fn hash_settings_are_checked_and_only_apply_to_consistent_hash() {
     assert!(error
         .message
         .contains("only applies to balancer = \"consistent_hash\""));
+}
+
+fn tcp_config(listener_extra: &str, upstream_extra: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"db\"\nlisten = \"127.0.0.1:5432\"\nprotocol = \"tcp\"\n{listener_extra}\n\n\
+         [[upstream]]\nname = \"pg\"\nbackends = [\"127.0.0.1:9001\"]\n{upstream_extra}\n"
+    )
+}
+
+#[test]
+fn tcp_listeners_with_proxy_protocol_and_passthrough_are_accepted() {
+    let config = parse(&tcp_config(
+        "upstream = \"pg\"\nproxy_protocol = true",
+        "send_proxy_protocol = \"v2\"",
+    ));
+    let l = &config.listeners[0];
+    assert_eq!(l.protocol, ListenerProtocol::Tcp);
+    assert!(l.proxy_protocol);
+    assert_eq!(
+        config.upstreams[0].send_proxy_protocol,
+        Some(ProxyProtocolVersion::V2)
+    );
+
+    let config = parse(&tcp_config(
+        "tls_passthrough = true\n[[listener.route]]\nsni = \"*.db.example.com\"\nupstream = \"pg\"",
+        "",
+    ));
+    let l = &config.listeners[0];
+    assert!(l.tls_passthrough);
+    assert_eq!(l.upstream, None);
+    assert_eq!(
+        l.routes[0].sni,
+        Some(HostMatch::Suffix(".db.example.com".into()))
+    );
+}
+
+#[test]
+fn misplaced_tcp_and_sni_settings_are_errors() {
+    let error = one_error(&tcp_config("", ""));
+    assert!(
+        error.message.contains("a tcp listener needs an upstream"),
+        "{}",
+        error.message
+    );
+
+    let error = one_error(&tcp_config(
+        "upstream = \"pg\"\n[[listener.route]]\nsni = \"a.example.com\"\nupstream = \"pg\"",
+        "",
+    ));
+    assert_eq!(error.path, "listener[0].route[0].sni");
+    assert!(
+        error.message.contains("tls_passthrough"),
+        "{}",
+        error.message
+    );
+
+    let error = one_error(&tcp_config(
+        "tls_passthrough = true\nupstream = \"pg\"\n[[listener.route]]\npath_prefix = \"/\"\nupstream = \"pg\"",
+        "",
+    ));
+    assert_eq!(error.path, "listener[0].route[0].path_prefix");
+
+    let error = one_error(&listener_with("tls_passthrough = true"));
+    assert_eq!(error.path, "listener[0].tls_passthrough");
+
+    let error = one_error(&listener_with(
+        "[[listener.route]]\nsni = \"a.example.com\"\nupstream = \"app\"",
+    ));
+    assert_eq!(error.path, "listener[0].route[0].sni");
+
+    let error = one_error(&upstream_with("send_proxy_protocol = \"v2\""));
+    assert!(
+        error.message.contains("only tcp listeners"),
+        "{}",
+        error.message
+    );
+
+    let error = one_error(&upstream_with("send_proxy_protocol = \"v3\""));
+    assert_eq!(error.path, "upstream[0].send_proxy_protocol");
 }

@@ -23,8 +23,8 @@ use super::schema::{
 use super::{
     AdminConfig, BackendConfig, BalancerKind, Cidr, Config, ConfigSource, HashKey, HostMatch,
     ListenerConfig, ListenerProtocol, ListenerTimeouts, LogConfig, LogFormat, PoolConfig,
-    RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig, UpstreamProtocol,
-    UpstreamTimeouts, DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
+    ProxyProtocolVersion, RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig,
+    UpstreamProtocol, UpstreamTimeouts, DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -50,8 +50,8 @@ const LISTENER_KEYS: &[&str] = &[
 const LISTENER_UNSUPPORTED: &[&str] = &["tls"];
 const LISTENER_TIMEOUT_KEYS: &[&str] = &["client_header", "idle"];
 
-const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "headers", "upstream", "split"];
-const ROUTE_UNSUPPORTED: &[&str] = &["sni"];
+const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "headers", "sni", "upstream", "split"];
+const ROUTE_UNSUPPORTED: &[&str] = &[];
 const SPLIT_KEYS: &[&str] = &["upstream", "weight"];
 
 const UPSTREAM_KEYS: &[&str] = &[
@@ -59,6 +59,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "balancer",
     "hash_key",
     "hash",
+    "send_proxy_protocol",
     "backends",
     "protocol",
     "max_in_flight",
@@ -127,9 +128,15 @@ pub(super) fn config(
 
     let listener_tables = required_tables(&root, problems, "listener");
     reject_duplicate_names(&listener_tables, "listener", problems);
+    let sends_proxy: Vec<String> = upstreams
+        .iter()
+        .flatten()
+        .filter(|u| u.send_proxy_protocol.is_some())
+        .map(|u| u.name.clone())
+        .collect();
     let listeners: Vec<Option<ListenerConfig>> = listener_tables
         .iter()
-        .map(|t| listener(t, &known, problems))
+        .map(|t| listener(t, &known, &sends_proxy, problems))
         .collect();
 
     Some(Config {
@@ -271,6 +278,7 @@ fn reject_duplicate_names(tables: &[TableReader<'_, '_>], kind: &str, problems: 
 fn listener(
     t: &TableReader<'_, '_>,
     known: &[String],
+    sends_proxy: &[String],
     problems: &mut Problems,
 ) -> Option<ListenerConfig> {
     t.reject_unknown_keys(problems, LISTENER_KEYS, LISTENER_UNSUPPORTED);
@@ -280,7 +288,7 @@ fn listener(
     let listen = t
         .required_str(problems, "listen")
         .and_then(|s| ip_socket_addr(problems, &s, &t.key_path("listen")));
-    let protocol = match choice(t, problems, "protocol", &["http"], &["tcp"]) {
+    let protocol = match choice(t, problems, "protocol", &["http", "tcp"], &[]) {
         Some("tcp") => ListenerProtocol::Tcp,
         _ => ListenerProtocol::Http,
     };
@@ -288,8 +296,16 @@ fn listener(
         .str(problems, "upstream")
         .and_then(|s| upstream_ref(problems, &s, &t.key_path("upstream"), known));
     let max_connections = count(t, problems, "max_connections", 1, 100_000);
-    reject_true(t, problems, "proxy_protocol");
-    reject_true(t, problems, "tls_passthrough");
+    let proxy_protocol = flag(t, problems, "proxy_protocol");
+    let tls_passthrough = flag(t, problems, "tls_passthrough");
+    if tls_passthrough && protocol != ListenerProtocol::Tcp {
+        let span = t.key_span("tls_passthrough").unwrap_or_else(|| t.span());
+        problems.push(
+            span,
+            &t.key_path("tls_passthrough"),
+            "tls_passthrough needs protocol = \"tcp\"",
+        );
+    }
     let trusted_proxies = trusted_proxies(t, problems);
 
     let timeouts_table = t.section(problems, "timeouts");
@@ -310,15 +326,70 @@ fn listener(
         .map(|route| route_config(route, known, problems))
         .collect();
 
-    let is_http = t
-        .get("protocol")
-        .is_none_or(|p| p.get_ref().as_str() == Some("http"));
+    let is_http = protocol == ListenerProtocol::Http;
     if is_http && t.get("upstream").is_none() && route_tables.is_empty() {
         problems.push(
             t.span(),
             t.path(),
             "an http listener needs an upstream or at least one route",
         );
+    }
+    let routes_by_sni = tls_passthrough && !route_tables.is_empty();
+    if !is_http && t.get("upstream").is_none() && !routes_by_sni {
+        problems.push(
+            t.span(),
+            t.path(),
+            "a tcp listener needs an upstream (or tls_passthrough with sni routes)",
+        );
+    }
+    // Which keys a route may use depends on the listener.
+    for route in &route_tables {
+        let misplaced: &[&str] = match (is_http, tls_passthrough) {
+            (true, _) => &["sni"],
+            (false, true) => &["host", "path_prefix", "headers"],
+            (false, false) => &["host", "path_prefix", "headers", "sni"],
+        };
+        for key in misplaced {
+            if let Some(span) = route.key_span(key) {
+                let why = match (is_http, *key) {
+                    (true, _) => "sni routes belong to tcp listeners with tls_passthrough",
+                    (false, "sni") => "sni routes need tls_passthrough = true",
+                    _ => "a tcp listener routes only by sni (with tls_passthrough)",
+                };
+                problems.push(span, &route.key_path(key), why);
+            }
+        }
+    }
+    if is_http {
+        let referenced = t
+            .get("upstream")
+            .and_then(|v| v.get_ref().as_str())
+            .into_iter()
+            .chain(route_tables.iter().flat_map(|r| {
+                r.get("upstream")
+                    .and_then(|v| v.get_ref().as_str())
+                    .into_iter()
+                    .chain(
+                        r.get("split")
+                            .and_then(|v| v.get_ref().as_array())
+                            .into_iter()
+                            .flat_map(|a| a.iter())
+                            .filter_map(|item| item.get_ref().get("upstream"))
+                            .filter_map(|v| v.get_ref().as_str()),
+                    )
+            }));
+        for name in referenced {
+            if sends_proxy.iter().any(|s| s == name) {
+                problems.push(
+                    t.span(),
+                    t.path(),
+                    format!(
+                        "upstream {name:?} sends the PROXY protocol, which only tcp listeners can do \
+                         (HTTP requests carry X-Forwarded-For instead)"
+                    ),
+                );
+            }
+        }
     }
 
     Some(ListenerConfig {
@@ -327,6 +398,8 @@ fn listener(
         protocol,
         upstream,
         max_connections,
+        proxy_protocol,
+        tls_passthrough,
         trusted_proxies,
         timeouts,
         routes: routes.into_iter().collect::<Option<_>>()?,
@@ -362,21 +435,23 @@ fn route_config(
     problems: &mut Problems,
 ) -> Option<RouteConfig> {
     t.reject_unknown_keys(problems, ROUTE_KEYS, ROUTE_UNSUPPORTED);
-    t.reject_unsupported(problems, "sni");
 
-    let host = t
-        .str(problems, "host")
-        .and_then(|s| match parse_host_match(s.get_ref()) {
-            Ok(host) => Some(host),
-            Err(why) => {
-                problems.push(
-                    s.span(),
-                    &t.key_path("host"),
-                    format!("{:?} is not a valid route host ({why})", s.get_ref()),
-                );
-                None
-            }
-        });
+    let host_key = |key: &str, problems: &mut Problems| {
+        t.str(problems, key)
+            .and_then(|s| match parse_host_match(s.get_ref()) {
+                Ok(host) => Some(host),
+                Err(why) => {
+                    problems.push(
+                        s.span(),
+                        &t.key_path(key),
+                        format!("{:?} is not a valid route {key} ({why})", s.get_ref()),
+                    );
+                    None
+                }
+            })
+    };
+    let host = host_key("host", problems);
+    let sni = host_key("sni", problems);
     let path_prefix = t.str(problems, "path_prefix").and_then(|s| {
         if s.get_ref().starts_with('/') {
             Some(s.get_ref().to_string())
@@ -410,6 +485,7 @@ fn route_config(
 
     Some(RouteConfig {
         host,
+        sni,
         path_prefix,
         headers,
         target: target?,
@@ -603,6 +679,11 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
 
     let name = name(t, problems);
     let (balancer, hash_key) = balancer(t, problems);
+    let send_proxy_protocol = match choice(t, problems, "send_proxy_protocol", &["v1", "v2"], &[]) {
+        Some("v1") => Some(ProxyProtocolVersion::V1),
+        Some("v2") => Some(ProxyProtocolVersion::V2),
+        _ => None,
+    };
     let backends = backends(t, problems);
     // "auto" picks h2 or http1 by ALPN, which needs upstream tls.
     let protocol = match choice(t, problems, "protocol", &["http1", "h2"], &["auto"]) {
@@ -667,6 +748,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         name: name?,
         balancer,
         hash_key,
+        send_proxy_protocol,
         backends: backends?,
         protocol,
         max_in_flight,
@@ -883,19 +965,6 @@ fn choice<'a>(
 /// A boolean that defaults to false.
 fn flag(t: &TableReader<'_, '_>, problems: &mut Problems, key: &str) -> bool {
     t.bool(problems, key).is_some_and(|b| *b.get_ref())
-}
-
-/// A boolean whose `true` needs a feature that is not built yet.
-fn reject_true(t: &TableReader<'_, '_>, problems: &mut Problems, key: &str) {
-    if let Some(value) = t.bool(problems, key) {
-        if *value.get_ref() {
-            problems.push(
-                value.span(),
-                &t.key_path(key),
-                format!("{key} = true is not supported yet (allowed: false)"),
-            );
-        }
-    }
 }
 
 /// An integer in `range`, or `default` when absent or invalid.

@@ -31,7 +31,11 @@ pub struct ConnInfo {
     /// Index of the listener in the snapshot it was accepted under.
     pub listener: usize,
     pub listener_name: Arc<str>,
+    /// The client: the TCP peer, or the source named by a PROXY header.
     pub peer: SocketAddr,
+    /// The address the client connected to (from a PROXY header when
+    /// there was one).
+    pub destination: SocketAddr,
     /// `http` or `https`, for X-Forwarded-Proto.
     pub scheme: &'static str,
 }

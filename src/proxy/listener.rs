@@ -24,7 +24,7 @@ use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::h1;
 use crate::proxy::http::{handle, ConnInfo};
-use crate::proxy::tcp;
+use crate::proxy::{proxy_protocol, tcp};
 use crate::state::Shared;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
@@ -97,21 +97,39 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
         }
         let slot = ConnSlot::new(Arc::clone(&active), Arc::clone(&metrics));
         let _ = stream.set_nodelay(true);
-        let info = Arc::new(ConnInfo {
-            listener: listener.index,
-            listener_name: Arc::clone(&listener.name),
-            peer,
-            scheme: "http",
-        });
         let shared = Arc::clone(&shared);
         let settings = Arc::clone(&settings);
         let close = control.close_connections.clone();
         let span = tracing::debug_span!("conn", listener = &*listener.name, peer = %peer);
         let protocol = listener.config.protocol;
+        let proxy_protocol = listener.config.proxy_protocol;
         let metrics = Arc::clone(&metrics);
+        let (index, name) = (listener.index, Arc::clone(&listener.name));
         control.tracker.spawn(
             async move {
                 let _slot = slot;
+                let mut stream = stream;
+                let local = stream.local_addr().unwrap_or(peer);
+                let (peer, destination) = if proxy_protocol {
+                    match client_from_proxy_header(&mut stream, settings.header_timeout).await {
+                        Ok(Some(pair)) => pair,
+                        Ok(None) => (peer, local),
+                        Err(err) => {
+                            metrics.proxy_protocol_errors.inc();
+                            tracing::debug!(error = %err, "PROXY protocol header refused");
+                            return;
+                        }
+                    }
+                } else {
+                    (peer, local)
+                };
+                let info = Arc::new(ConnInfo {
+                    listener: index,
+                    listener_name: name,
+                    peer,
+                    destination,
+                    scheme: "http",
+                });
                 match protocol {
                     ListenerProtocol::Http => {
                         serve_http(shared, info, stream, &settings, close).await
@@ -123,6 +141,22 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
             }
             .instrument(span),
         );
+    }
+}
+
+/// Reads the PROXY protocol header an outer load balancer sends first:
+/// the client and destination it names, or `None` for a LOCAL connection
+/// (the balancer's own health check), which keeps the real peer.
+async fn client_from_proxy_header(
+    stream: &mut TcpStream,
+    timeout: Duration,
+) -> Result<Option<(SocketAddr, SocketAddr)>, proxy_protocol::ProxyProtocolError> {
+    match proxy_protocol::read_header(stream, timeout).await? {
+        proxy_protocol::ProxyHeader::Proxied {
+            source,
+            destination,
+        } => Ok(Some((source, destination))),
+        proxy_protocol::ProxyHeader::Local => Ok(None),
     }
 }
 

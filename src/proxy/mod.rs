@@ -9,5 +9,5 @@ pub mod http;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod route;
-pub mod tcp;
 pub mod sni;
+pub mod tcp;

@@ -15,6 +15,7 @@ pub struct Router {
 
 struct Route {
     host: Option<HostMatch>,
+    sni: Option<HostMatch>,
     path_prefix: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
     target: Target,
@@ -57,6 +58,7 @@ impl Router {
                 };
                 Some(Route {
                     host: r.host.clone(),
+                    sni: r.sni.clone(),
                     path_prefix: r.path_prefix.clone(),
                     headers: r.headers.clone(),
                     target,
@@ -74,6 +76,24 @@ impl Router {
         self.default
     }
 
+    /// The upstream index for a TLS session by its ClientHello's server name
+    /// (`None`: no SNI): the first route whose `sni` matches, else the
+    /// default.
+    pub fn route_sni(&self, sni: Option<&str>) -> Option<usize> {
+        if let Some(name) = sni {
+            for route in &self.routes {
+                if route
+                    .sni
+                    .as_ref()
+                    .is_some_and(|want| host_matches(want, name))
+                {
+                    return route.target.pick();
+                }
+            }
+        }
+        self.default
+    }
+
     /// The upstream index for a request, or `None` when nothing matches and
     /// there is no default.
     pub fn route(&self, parts: &Parts) -> Option<usize> {
@@ -81,32 +101,41 @@ impl Router {
         let path = parts.uri.path();
         for route in &self.routes {
             if route.matches(host, path, parts) {
-                return match &route.target {
-                    Target::Upstream(i) => Some(*i),
-                    Target::Split { upstreams, table } => {
-                        table.next().and_then(|k| upstreams.get(k).copied())
-                    }
-                };
+                return route.target.pick();
             }
         }
         self.default
     }
 }
 
+impl Target {
+    fn pick(&self) -> Option<usize> {
+        match self {
+            Target::Upstream(i) => Some(*i),
+            Target::Split { upstreams, table } => {
+                table.next().and_then(|k| upstreams.get(k).copied())
+            }
+        }
+    }
+}
+
+/// Whether `host` (no port) matches an exact or `*.` wildcard pattern:
+/// `*.example.com` matches `a.example.com`, not `example.com`.
+fn host_matches(want: &HostMatch, host: &str) -> bool {
+    match want {
+        HostMatch::Exact(name) => host.eq_ignore_ascii_case(name),
+        HostMatch::Suffix(suffix) => {
+            host.len() > suffix.len()
+                && host.is_char_boundary(host.len() - suffix.len())
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        }
+    }
+}
+
 impl Route {
     fn matches(&self, host: Option<&str>, path: &str, parts: &Parts) -> bool {
         if let Some(want) = &self.host {
-            let Some(host) = host else { return false };
-            let ok = match want {
-                HostMatch::Exact(name) => host.eq_ignore_ascii_case(name),
-                // `*.example.com` matches `a.example.com`, not `example.com`.
-                HostMatch::Suffix(suffix) => {
-                    host.len() > suffix.len()
-                        && host.is_char_boundary(host.len() - suffix.len())
-                        && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                }
-            };
-            if !ok {
+            if !host.is_some_and(|h| host_matches(want, h)) {
                 return false;
             }
         }
@@ -159,6 +188,7 @@ mod tests {
     fn route(host: Option<HostMatch>, prefix: Option<&str>, upstream: &str) -> RouteConfig {
         RouteConfig {
             host,
+            sni: None,
             path_prefix: prefix.map(str::to_owned),
             headers: vec![],
             target: RouteTarget::Upstream(upstream.to_owned()),
@@ -205,6 +235,7 @@ mod tests {
     fn split_follows_its_weights() {
         let routes = vec![RouteConfig {
             host: None,
+            sni: None,
             path_prefix: None,
             headers: vec![],
             target: RouteTarget::Split(vec![("a".into(), 3), ("b".into(), 1)]),
@@ -221,6 +252,19 @@ mod tests {
         let routes = vec![route(None, Some("/only"), "api")];
         let router = Router::new(&routes, None, &index_of);
         assert_eq!(router.route(&parts("/else", Some("h"), &[])), None);
+    }
+
+    #[test]
+    fn sni_routes_match_exact_and_wildcard_names_else_default() {
+        let mut exact = route(None, None, "api");
+        exact.sni = Some(HostMatch::Exact("db.example.com".into()));
+        let mut wild = route(None, None, "wild");
+        wild.sni = Some(HostMatch::Suffix(".example.com".into()));
+        let router = Router::new(&[exact, wild], Some("default"), &index_of);
+        assert_eq!(router.route_sni(Some("DB.example.com")), Some(1));
+        assert_eq!(router.route_sni(Some("x.example.com")), Some(2));
+        assert_eq!(router.route_sni(Some("example.com")), Some(0));
+        assert_eq!(router.route_sni(None), Some(0));
     }
 
     #[test]

@@ -19,10 +19,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::admin::metrics::{ListenerMetrics, Outcome};
-use crate::config::BalancerKind;
-use crate::proxy::buffers;
+use crate::config::{BalancerKind, ProxyProtocolVersion};
 use crate::proxy::error::ProxyError;
 use crate::proxy::http::{client_ip_hash, ConnInfo};
+use crate::proxy::{buffers, proxy_protocol, sni};
 use crate::state::Shared;
 use crate::upstream::backend::{BackendState, RequestGuard};
 use crate::upstream::Upstream;
@@ -64,12 +64,23 @@ pub async fn serve(
         return;
     };
     let idle = listener.config.timeouts.idle;
-    let Some(upstream) = listener
-        .router
-        .default_upstream()
-        .and_then(|i| snapshot.upstreams.get(i))
-    else {
-        tracing::debug!("no upstream for this tcp listener");
+    let target = if listener.config.tls_passthrough {
+        // Route by the ClientHello's server name; the bytes stay in the
+        // socket and reach the backend untouched.
+        let limit = listener.config.timeouts.client_header;
+        match sni::peek_sni(&client, limit, sni::DEFAULT_PEEK_MAX).await {
+            Ok(name) => listener.router.route_sni(name.as_deref()),
+            Err(err) => {
+                metrics.client_hello_errors.inc();
+                tracing::debug!(error = %err, "no usable ClientHello");
+                return;
+            }
+        }
+    } else {
+        listener.router.default_upstream()
+    };
+    let Some(upstream) = target.and_then(|i| snapshot.upstreams.get(i)) else {
+        tracing::debug!("no upstream for this session");
         return;
     };
     let Some(_permit) = upstream.limit.try_acquire() else {
@@ -93,6 +104,20 @@ pub async fn serve(
         }
     };
     let backend = Arc::clone(guard.backend());
+    if let Some(version) = upstream.config.send_proxy_protocol {
+        let header = match version {
+            ProxyProtocolVersion::V1 => proxy_protocol::encode_v1(info.peer, info.destination),
+            ProxyProtocolVersion::V2 => proxy_protocol::encode_v2(info.peer, info.destination),
+        };
+        let clock = Activity::new();
+        if write_all(&backend_stream, &header, idle, &clock)
+            .await
+            .is_err()
+        {
+            guard.set_outcome(Outcome::Reset);
+            return;
+        }
+    }
     let session = pump(&client, &backend_stream, idle, &metrics).await;
     guard.set_outcome(match session.reason {
         CloseReason::BackendError => Outcome::Reset,
