@@ -194,12 +194,12 @@ async fn serve_http(
         // Boxed: the HTTP/2 state is large, and most connections never need it.
         Sniff::H2 => Box::pin(serve_h2(shared, info, stream, close)).await,
         Sniff::H1 => {
-            // The request future is boxed so that an idle connection's task
-            // holds only the codec's state, not room for a request in flight.
+            // The codec boxes each request's state (this future included),
+            // so an idle connection's task stays small.
             let handler = |req: http::Request<h1::RequestBody>| {
                 let shared = Arc::clone(&shared);
                 let info = Arc::clone(&info);
-                Box::pin(async move { handle(&shared, &info, req.map(RequestBody::H1)).await })
+                async move { handle(&shared, &info, req.map(RequestBody::H1)).await }
             };
             if let Err(err) = h1::serve_connection(stream, settings, close, handler).await {
                 tracing::debug!(error = %err, "connection ended with an error");

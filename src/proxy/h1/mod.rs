@@ -299,75 +299,107 @@ where
             }
         }
 
-        let head = match read_head(conn, settings).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return Ok(()),
-            Err(HeadError::Io(e)) => return Err(ServeError::Io(e)),
-            Err(HeadError::Incomplete) => return Err(ServeError::IncompleteHead),
-            Err(HeadError::Reject(reject)) => {
-                tracing::debug!(
-                    status = reject.status.as_u16(),
-                    reason = reject.reason,
-                    detail = reject.detail,
-                    "refused request"
-                );
-                write::write_generated(conn, wbuf, &reject)
-                    .await
-                    .map_err(ServeError::Io)?;
-                return Err(reject.into());
-            }
-        };
-
-        let expect_continue = head.expect_continue
-            && head.version == Version::HTTP_11
-            && head.framing != Framing::Empty;
-        let body = {
-            let mut c = lock(conn);
-            c.seq = c.seq.wrapping_add(1);
-            c.body = match head.framing {
-                Framing::Empty => body::Decoder::Done,
-                Framing::Length(n) => body::Decoder::Length { remaining: n },
-                Framing::Chunked => body::Decoder::chunked(),
-            };
-            c.body_alive = head.framing != Framing::Empty;
-            c.cont = if expect_continue {
-                Continue::Pending
-            } else {
-                Continue::NotExpected
-            };
-            c.response_started = false;
-            match head.framing {
-                Framing::Empty => RequestBody::empty(),
-                Framing::Length(n) => RequestBody::stream(conn.clone(), c.seq, Some(n)),
-                Framing::Chunked => RequestBody::stream(conn.clone(), c.seq, None),
-            }
-        };
-        let info = RequestInfo {
-            version: head.version,
-            is_head: head.method == http::Method::HEAD,
-            upgrade: head.upgrade,
-            keep_alive: head.keep_alive,
-        };
-        let mut request = Request::new(body);
-        *request.method_mut() = head.method;
-        *request.uri_mut() = head.uri;
-        *request.version_mut() = head.version;
-        *request.headers_mut() = head.headers;
-
-        let response = handler(request).await;
-        let info = RequestInfo {
-            keep_alive: info.keep_alive && !shutdown.is_cancelled(),
-            ..info
-        };
-        match write::write_response(conn, wbuf, response, info).await? {
-            Outcome::KeepAlive => {}
-            Outcome::Close => return Ok(()),
-            Outcome::Upgrade(upstream) => return run_upgrade(conn, upstream).await,
-        }
-        if !finish_request_body(conn, expect_continue).await || shutdown.is_cancelled() {
+        // The request's own state lives in a box that is freed when it is
+        // answered, so an idle connection's task holds only the small state
+        // of the wait above.
+        let step = Box::pin(serve_request(conn, wbuf, settings, shutdown, handler)).await?;
+        if let Step::Close = step {
             return Ok(());
         }
     }
+}
+
+/// What happens to the connection after a request.
+enum Step {
+    KeepAlive,
+    Close,
+}
+
+/// Reads, dispatches and answers one request whose first bytes have arrived.
+async fn serve_request<H, Fut, B>(
+    conn: &Shared,
+    wbuf: &mut BytesMut,
+    settings: &H1Settings,
+    shutdown: &CancellationToken,
+    handler: &mut H,
+) -> Result<Step, ServeError>
+where
+    H: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let head = match read_head(conn, settings).await {
+        Ok(Some(head)) => head,
+        Ok(None) => return Ok(Step::Close),
+        Err(HeadError::Io(e)) => return Err(ServeError::Io(e)),
+        Err(HeadError::Incomplete) => return Err(ServeError::IncompleteHead),
+        Err(HeadError::Reject(reject)) => {
+            tracing::debug!(
+                status = reject.status.as_u16(),
+                reason = reject.reason,
+                detail = reject.detail,
+                "refused request"
+            );
+            write::write_generated(conn, wbuf, &reject)
+                .await
+                .map_err(ServeError::Io)?;
+            return Err(reject.into());
+        }
+    };
+
+    let expect_continue =
+        head.expect_continue && head.version == Version::HTTP_11 && head.framing != Framing::Empty;
+    let body = {
+        let mut c = lock(conn);
+        c.seq = c.seq.wrapping_add(1);
+        c.body = match head.framing {
+            Framing::Empty => body::Decoder::Done,
+            Framing::Length(n) => body::Decoder::Length { remaining: n },
+            Framing::Chunked => body::Decoder::chunked(),
+        };
+        c.body_alive = head.framing != Framing::Empty;
+        c.cont = if expect_continue {
+            Continue::Pending
+        } else {
+            Continue::NotExpected
+        };
+        c.response_started = false;
+        match head.framing {
+            Framing::Empty => RequestBody::empty(),
+            Framing::Length(n) => RequestBody::stream(conn.clone(), c.seq, Some(n)),
+            Framing::Chunked => RequestBody::stream(conn.clone(), c.seq, None),
+        }
+    };
+    let info = RequestInfo {
+        version: head.version,
+        is_head: head.method == http::Method::HEAD,
+        upgrade: head.upgrade,
+        keep_alive: head.keep_alive,
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method;
+    *request.uri_mut() = head.uri;
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers;
+
+    let response = handler(request).await;
+    let info = RequestInfo {
+        keep_alive: info.keep_alive && !shutdown.is_cancelled(),
+        ..info
+    };
+    match write::write_response(conn, wbuf, response, info).await? {
+        Outcome::KeepAlive => {}
+        Outcome::Close => return Ok(Step::Close),
+        Outcome::Upgrade(upstream) => {
+            run_upgrade(conn, upstream).await?;
+            return Ok(Step::Close);
+        }
+    }
+    if !finish_request_body(conn, expect_continue).await || shutdown.is_cancelled() {
+        return Ok(Step::Close);
+    }
+    Ok(Step::KeepAlive)
 }
 
 /// Waits, holding no buffer, for the next request's first bytes. `None`:
