@@ -6,6 +6,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::Request;
@@ -21,6 +22,8 @@ struct Proc {
     child: Child,
     listeners: Vec<(String, SocketAddr)>,
     admin: SocketAddr,
+    /// Every stderr line after the ready event.
+    log: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -45,6 +48,8 @@ impl Proc {
             .expect("spawn sluice");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -55,6 +60,8 @@ impl Proc {
                             sent = true;
                         }
                     }
+                } else if let Ok(mut lines) = sink.lock() {
+                    lines.push(line);
                 }
             }
         });
@@ -76,7 +83,26 @@ impl Proc {
             child,
             listeners,
             admin,
+            log,
             _dir: dir,
+        }
+    }
+
+    /// Waits for a JSON log line logged to `target`, and returns its fields.
+    fn wait_log(&self, target: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self.log.lock().ok().and_then(|lines| {
+                lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["target"] == target)
+            });
+            if let Some(v) = found {
+                return v["fields"].clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no {target} log line");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -357,4 +383,68 @@ fn tcp_gigabyte_each_way_arrives_intact_with_bounded_memory() {
     let peak = proc.peak_rss_kib();
     eprintln!("proxy peak RSS after 1 GiB each way over TCP: {peak} KiB");
     assert!(peak < 64 * 1024, "proxy peak RSS {peak} KiB over 64 MiB");
+}
+
+#[test]
+fn access_log_has_one_line_per_tcp_session_and_per_http_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let http_backend = rt.block_on(Backend::start("a"));
+    let echo = rt.block_on(async {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = socket.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        addr
+    });
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[log]\naccess_log = true\n\
+         [[listener]]\nname = \"l4\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"echo\"\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"echo\"\nbackends = [\"{echo}\"]\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{}\"]\n",
+        http_backend.addr
+    );
+    let proc = Proc::start(&cfg);
+    let l4 = proc.addr("l4");
+    rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(l4).await.expect("connect");
+        s.write_all(b"12345").await.expect("write");
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.expect("echo");
+        s.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.expect("eof");
+    });
+    let session = proc.wait_log("sluice::access");
+    assert_eq!(session["listener"], "l4");
+    assert_eq!(session["backend"], echo.to_string());
+    assert_eq!(session["bytes_in"], 5);
+    assert_eq!(session["bytes_out"], 5);
+    assert_eq!(session["close"], "closed");
+    assert!(session["client"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("127.0.0.1:")));
+    assert!(session["duration_ms"].as_f64().is_some());
+
+    proc.log.lock().expect("lock").clear();
+    let web = proc.addr("web");
+    let answer = rt.block_on(get(web, "/status/503"));
+    assert_eq!(answer.status, 503);
+    let request = proc.wait_log("sluice::access");
+    assert_eq!(request["listener"], "web");
+    assert_eq!(request["method"], "GET");
+    assert_eq!(request["path"], "/status/503");
+    assert_eq!(request["status"], 503);
+    assert_eq!(request["upstream"], "app");
+    assert_eq!(request["backend"], http_backend.addr.to_string());
 }

@@ -24,6 +24,7 @@ use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::h1;
 use crate::proxy::http::{handle, ConnInfo};
+use crate::proxy::peek::{self, Look};
 use crate::proxy::{proxy_protocol, tcp};
 use crate::state::Shared;
 
@@ -218,34 +219,19 @@ enum Sniff {
 /// Looks at the first bytes without consuming them: the HTTP/2 preface
 /// means h2c. Waits at most `limit` for the first byte.
 async fn sniff_h2(stream: &TcpStream, limit: Duration) -> Sniff {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut buf = [0u8; 24];
-    loop {
-        if tokio::time::timeout_at(deadline, stream.readable())
-            .await
-            .is_err()
-        {
-            return Sniff::Closed;
-        }
-        let n = match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return Sniff::Closed,
-            Ok(n) => n,
-        };
-        if buf[..n] != H2_PREFACE[..n] {
-            return Sniff::H1;
-        }
-        if n == H2_PREFACE.len() {
-            return Sniff::H2;
-        }
-        // A partial preface: readiness stays set while unread bytes wait, so
-        // pause briefly before looking again.
-        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(2)))
-            .await
-            .is_err()
-        {
-            return Sniff::Closed;
-        }
-    }
+    let decide = |buf: &[u8]| -> Result<Look<Sniff>, Infallible> {
+        let n = buf.len().min(H2_PREFACE.len());
+        Ok(if buf[..n] != H2_PREFACE[..n] {
+            Look::Done(Sniff::H1)
+        } else if n == H2_PREFACE.len() {
+            Look::Done(Sniff::H2)
+        } else {
+            Look::More
+        })
+    };
+    peek::peek_until(stream, limit, H2_PREFACE.len() + 1, decide)
+        .await
+        .unwrap_or(Sniff::Closed)
 }
 
 async fn serve_h2(

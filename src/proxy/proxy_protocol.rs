@@ -27,6 +27,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use super::peek::{peek_until, Look, PeekError};
+
 /// The 12-byte signature that opens every v2 header.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
@@ -51,16 +53,6 @@ const V2_INET6_STREAM: u8 = 0x21;
 const V2_INET_LEN: u16 = 12;
 const V2_INET6_LEN: u16 = 36;
 const V2_UNIX_LEN: u16 = 216;
-
-/// How long [`read_header`] first waits before peeking again at a partial
-/// header, and the longest it waits while no new byte arrives.
-///
-/// `peek` leaves the socket readable, so waiting on `readable()` would
-/// return at once and spin. A 1 ms sleep keeps a header that arrives in
-/// pieces quick to read; doubling it while the peer sends nothing bounds
-/// what a stalled peer costs until the timeout.
-const PEEK_RETRY: Duration = Duration::from_millis(1);
-const PEEK_RETRY_MAX: Duration = Duration::from_millis(16);
 
 /// What a PROXY protocol header says about the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -510,46 +502,37 @@ pub fn encode_v2_local() -> Vec<u8> {
 /// within `timeout`, leaving every byte after it unread in the socket.
 ///
 /// It peeks until [`parse`] decides, then reads exactly the header's bytes.
-/// Errors: any [`parse`] error; `Closed` if the peer closes before sending a
-/// byte; `Timeout` if no decision is reached in time (which includes a peer
-/// that sends part of a header and then closes, since `peek` keeps
-/// returning the unread bytes); `Io` for socket errors.
+/// Errors: any [`parse`] error; `Closed` if the peer closes before a whole
+/// header arrived; `Timeout` if no decision is reached in time; `Io` for
+/// socket errors.
 pub async fn read_header(
     stream: &mut TcpStream,
     timeout: Duration,
 ) -> Result<ProxyHeader, ProxyProtocolError> {
-    tokio::time::timeout(timeout, read_header_unbounded(stream))
-        .await
-        .unwrap_or(Err(ProxyProtocolError::Timeout { after: timeout }))
-}
-
-async fn read_header_unbounded(stream: &mut TcpStream) -> Result<ProxyHeader, ProxyProtocolError> {
     // Large enough for parse to always decide (see DEFAULT_MAX_HEADER_LEN).
-    let mut buf = vec![0u8; DEFAULT_MAX_HEADER_LEN.max(V1_MAX_LEN)];
-    let mut seen_before = 0;
-    let mut wait = PEEK_RETRY;
-    loop {
-        // Waits for readability when nothing is queued; returns what is.
-        let seen = stream.peek(&mut buf).await?;
-        if seen == 0 {
-            return Err(ProxyProtocolError::Closed);
-        }
-        match parse(&buf[..seen])? {
-            Parse::Complete { header, consumed } => {
-                stream.read_exact(&mut buf[..consumed]).await?;
-                return Ok(header);
-            }
-            Parse::Incomplete => {
-                wait = if seen > seen_before {
-                    PEEK_RETRY
-                } else {
-                    (wait * 2).min(PEEK_RETRY_MAX)
-                };
-                seen_before = seen;
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
+    let max = DEFAULT_MAX_HEADER_LEN.max(V1_MAX_LEN) + 1;
+    let decide = |buf: &[u8]| {
+        parse(buf).map(|p| match p {
+            Parse::Complete { header, consumed } => Look::Done((header, consumed)),
+            Parse::Incomplete => Look::More,
+        })
+    };
+    let (header, consumed) =
+        peek_until(stream, timeout, max, decide)
+            .await
+            .map_err(|e| match e {
+                PeekError::Rejected(e) => e,
+                // `max` always suffices for `parse` to decide, so running
+                // out of room means the same as running out of time.
+                PeekError::Timeout | PeekError::TooLarge => {
+                    ProxyProtocolError::Timeout { after: timeout }
+                }
+                PeekError::Closed => ProxyProtocolError::Closed,
+                PeekError::Io(e) => ProxyProtocolError::Io(e),
+            })?;
+    let mut taken = vec![0u8; consumed];
+    stream.read_exact(&mut taken).await?;
+    Ok(header)
 }
 
 #[cfg(test)]

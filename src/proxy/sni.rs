@@ -20,8 +20,9 @@ use std::borrow::Cow;
 use std::io;
 use std::time::Duration;
 
-use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use super::peek::{peek_until, Look, PeekError};
 
 /// Largest record payload accepted: 2^14 + 2048 bytes (RFC 8446 §5.2).
 pub const MAX_RECORD_LEN: usize = 16384 + 2048;
@@ -43,9 +44,6 @@ const EXT_SERVER_NAME: u16 = 0;
 const NAME_TYPE_HOST_NAME: u8 = 0;
 const MAX_DNS_NAME_LEN: usize = 253;
 const MAX_DNS_LABEL_LEN: usize = 63;
-/// First and largest pause between peeks that saw no new bytes.
-const PEEK_BACKOFF_MIN: Duration = Duration::from_millis(1);
-const PEEK_BACKOFF_MAX: Duration = Duration::from_millis(16);
 
 /// The outcome of looking at the bytes a client has sent so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,43 +127,21 @@ pub async fn peek_sni(
     timeout: Duration,
     max: usize,
 ) -> Result<Option<String>, SniError> {
-    match tokio::time::timeout(timeout, peek_loop(stream, max)).await {
-        Ok(result) => result,
-        Err(_elapsed) => Err(SniError::Timeout),
-    }
-}
-
-async fn peek_loop(stream: &TcpStream, max: usize) -> Result<Option<String>, SniError> {
-    let mut buf = vec![0u8; max];
-    let mut seen = 0usize;
-    let mut backoff = PEEK_BACKOFF_MIN;
-    loop {
-        // Readiness first, then peek: if the peer's FIN was already seen,
-        // every byte it sent before it is in the receive buffer too.
-        let ready = stream
-            .ready(Interest::READABLE)
-            .await
-            .map_err(SniError::Io)?;
-        let n = stream.peek(&mut buf).await.map_err(SniError::Io)?;
-        let avail = &buf[..n];
-        match parse_client_hello(avail)? {
-            Peek::Complete(name) => return Ok(name),
-            Peek::Incomplete if n == buf.len() => {
-                return Err(SniError::TooLarge("peek buffer"));
-            }
-            Peek::Incomplete if n == 0 || ready.is_read_closed() => {
-                return Err(SniError::Closed);
-            }
-            Peek::Incomplete => {}
-        }
-        if n > seen {
-            seen = n;
-            backoff = PEEK_BACKOFF_MIN;
-        } else {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(PEEK_BACKOFF_MAX);
-        }
-    }
+    let decide = |buf: &[u8]| {
+        parse_client_hello(buf).map(|peek| match peek {
+            Peek::Complete(name) => Look::Done(name),
+            Peek::Incomplete => Look::More,
+        })
+    };
+    peek_until(stream, timeout, max, decide)
+        .await
+        .map_err(|e| match e {
+            PeekError::Rejected(e) => e,
+            PeekError::Timeout => SniError::Timeout,
+            PeekError::Closed => SniError::Closed,
+            PeekError::TooLarge => SniError::TooLarge("peek buffer"),
+            PeekError::Io(e) => SniError::Io(e),
+        })
 }
 
 /// Why parsing stopped: more bytes are needed, or the input is bad.

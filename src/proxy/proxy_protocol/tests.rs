@@ -827,11 +827,14 @@ async fn read_header_resumes_after_the_peer_stalls_mid_header() {
 }
 
 #[tokio::test]
-async fn read_header_times_out_when_the_peer_closes_mid_header() {
+async fn read_header_reports_a_peer_that_closes_mid_header_at_once() {
     let (mut client, mut server) = connected_pair().await;
     client.write_all(b"PROXY TCP4 1.2").await.expect("write");
     client.shutdown().await.expect("shutdown");
-    let limit = Duration::from_millis(100);
+    // Far longer than the test may take: the close is seen, not waited out.
+    let limit = Duration::from_secs(30);
+    let started = std::time::Instant::now();
     let result = read_header(&mut server, limit).await;
-    assert!(matches!(result, Err(E::Timeout { .. })), "{result:?}");
+    assert!(matches!(result, Err(E::Closed)), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
