@@ -329,22 +329,7 @@ fn tcp_gigabyte_each_way_arrives_intact_with_bounded_memory() {
     const BLOCK: usize = 64 * 1024;
     const BLOCKS: u64 = (1 << 30) / BLOCK as u64;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let echo = rt.block_on(async {
-        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = socket.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = socket.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        addr
-    });
+    let echo = rt.block_on(spawn_tcp_echo());
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"l4\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"echo\"\n\
          [[upstream]]\nname = \"echo\"\nbackends = [\"{echo}\"]\n"
@@ -390,22 +375,7 @@ fn access_log_has_one_line_per_tcp_session_and_per_http_request() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let http_backend = rt.block_on(Backend::start("a"));
-    let echo = rt.block_on(async {
-        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = socket.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = socket.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        addr
-    });
+    let echo = rt.block_on(spawn_tcp_echo());
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[log]\naccess_log = true\n\
          [[listener]]\nname = \"l4\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"echo\"\n\

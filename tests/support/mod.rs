@@ -379,3 +379,20 @@ pub fn tally(bodies: &[String]) -> BTreeMap<String, usize> {
     }
     m
 }
+
+/// A TCP echo server on an ephemeral port: every byte back, then a
+/// half-close when the client half-closes.
+pub async fn spawn_tcp_echo() -> SocketAddr {
+    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
