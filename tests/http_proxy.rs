@@ -737,3 +737,54 @@ async fn pool_of_zero_idle_connections_opens_one_per_request() {
     }
     assert_eq!(a.conns(), 5);
 }
+
+#[tokio::test]
+async fn a_full_backend_bulkhead_makes_it_ineligible_until_it_has_room() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = start_proxy(&simple_config(
+        &[&a, &b],
+        "max_in_flight = 0\nmax_in_flight_per_backend = 1",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let slow1 = tokio::spawn(async move { get(addr, "/sleep/2000").await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.hits() + b.hits() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slow request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (busy, free) = if a.hits() == 1 {
+        ("a", "b")
+    } else {
+        ("b", "a")
+    };
+    // Round robin would alternate; the full backend is skipped instead.
+    for _ in 0..6 {
+        assert_eq!(get(addr, "/").await.body, free, "{busy} is full");
+    }
+    let slow2 = tokio::spawn(async move { get(addr, "/sleep/2000").await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.hits() + b.hits() < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "second slow request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = std::time::Instant::now();
+    let none = get(addr, "/").await;
+    assert_eq!(none.status, 503);
+    assert_eq!(none.headers["sluice-error"], "no-healthy-backend");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(slow1.await.expect("task").status, 200);
+    assert_eq!(slow2.await.expect("task").status, 200);
+    // With room again, both take requests.
+    let mut bodies = Vec::new();
+    for _ in 0..4 {
+        bodies.push(get(addr, "/").await.body);
+    }
+    assert_eq!(tally(&bodies).len(), 2, "{bodies:?}");
+}

@@ -238,6 +238,9 @@ pub struct UpstreamConfig {
     pub protocol: UpstreamProtocol,
     /// Requests in flight across the whole upstream; 0 = unlimited.
     pub max_in_flight: usize,
+    /// Bulkhead: requests (or sessions) in flight per backend; a full
+    /// backend is not eligible. 0 = unlimited.
+    pub max_in_flight_per_backend: usize,
     pub pool: PoolConfig,
     pub timeouts: UpstreamTimeouts,
 }

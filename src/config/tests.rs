@@ -652,10 +652,6 @@ fn each_unsupported_key_is_rejected_as_not_supported_yet() {
         ),
         ("tls = { verify = true }", "upstream[0].tls"),
         ("slow_start = \"30s\"", "upstream[0].slow_start"),
-        (
-            "max_in_flight_per_backend = 10",
-            "upstream[0].max_in_flight_per_backend",
-        ),
         ("protocol = \"auto\"", "upstream[0].protocol"),
     ];
     let cases = listener_cases

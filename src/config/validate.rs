@@ -691,17 +691,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         _ => UpstreamProtocol::Http1,
     };
     let max_in_flight = count(t, problems, "max_in_flight", 0, 1000);
-    if count(t, problems, "max_in_flight_per_backend", 0, 0) != 0 {
-        let span = t
-            .get("max_in_flight_per_backend")
-            .map(|v| v.span())
-            .unwrap_or_else(|| t.span());
-        problems.push(
-            span,
-            &t.key_path("max_in_flight_per_backend"),
-            "a per-backend limit is not supported yet (allowed: 0)",
-        );
-    }
+    let max_in_flight_per_backend = count(t, problems, "max_in_flight_per_backend", 0, 0);
     if !duration(t, problems, "slow_start", Duration::ZERO).is_zero() {
         let span = t
             .get("slow_start")
@@ -752,6 +742,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         backends: backends?,
         protocol,
         max_in_flight,
+        max_in_flight_per_backend,
         pool,
         timeouts,
     })

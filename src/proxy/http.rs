@@ -81,7 +81,8 @@ pub async fn handle(
     exchange.permit = Some(permit);
 
     let key = request_hash(&upstream.config, &parts, conn.peer.ip());
-    let Some(backend) = upstream.pick(key) else {
+    let mut tried = Vec::new();
+    let Some(mut guard) = upstream.start_call(key, &mut tried) else {
         upstream.shed.no_healthy_backend.inc();
         let err = ProxyError::NoHealthyBackend {
             upstream: upstream.name.to_string(),
@@ -89,20 +90,21 @@ pub async fn handle(
         return error_response(&err, Some(exchange));
     };
 
+    let backend = Arc::clone(guard.backend());
     let upgrade = is_upgrade(&parts);
     if let Err(err) = rewrite_request(
         &mut parts,
         conn,
         listener,
-        backend,
+        &backend,
         upstream.client.protocol(),
         upgrade,
     ) {
+        // Nothing was sent: the backend's counters are not touched.
+        guard.abandon();
         return error_response(&err, Some(exchange));
     }
     let request = Request::from_parts(parts, body);
-
-    let mut guard = backend.start_request();
     let timeouts = &upstream.config.timeouts;
     let limit = timeouts.per_try.min(timeouts.request);
     let sent = tokio::time::timeout(limit, upstream.client.send(backend.addr, request)).await;

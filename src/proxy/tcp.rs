@@ -147,7 +147,7 @@ pub async fn connect_any(
     let mut tried: Vec<Arc<BackendState>> = Vec::new();
     let mut last_error = None;
     loop {
-        let Some(backend) = upstream.pick_excluding(key, &tried) else {
+        let Some(mut guard) = upstream.start_call(key, &mut tried) else {
             if last_error.is_none() {
                 upstream.shed.no_healthy_backend.inc();
             }
@@ -155,8 +155,7 @@ pub async fn connect_any(
                 upstream: upstream.name.to_string(),
             }));
         };
-        let backend = Arc::clone(backend);
-        let mut guard = backend.start_request();
+        let backend = Arc::clone(guard.backend());
         let after = upstream.config.timeouts.connect;
         let err = match tokio::time::timeout(after, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {

@@ -72,11 +72,31 @@ impl BackendState {
     /// Starts one call: in-flight goes up until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.guard()
+    }
+
+    /// Starts one call if fewer than `max` are in flight (`max == 0`: no
+    /// limit); the check and the increment are one atomic step, so a
+    /// bulkhead is never exceeded by racing requests.
+    pub fn try_start_request(self: &Arc<Self>, max: usize) -> Option<RequestGuard> {
+        if max == 0 {
+            return Some(self.start_request());
+        }
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(self.guard())
+    }
+
+    fn guard(self: &Arc<Self>) -> RequestGuard {
         self.metrics.in_flight.inc();
         RequestGuard {
             backend: Arc::clone(self),
             started: Instant::now(),
             outcome: Outcome::Reset,
+            record: true,
         }
     }
 }
@@ -87,6 +107,8 @@ pub struct RequestGuard {
     backend: Arc<BackendState>,
     started: Instant,
     outcome: Outcome,
+    /// False once abandoned: in-flight still goes down, nothing is counted.
+    record: bool,
 }
 
 impl RequestGuard {
@@ -94,6 +116,12 @@ impl RequestGuard {
     /// ends without a verdict was cut short).
     pub fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
+    }
+
+    /// Ends a call that was never sent: in-flight goes down, but neither
+    /// the outcome nor the duration is recorded.
+    pub fn abandon(mut self) {
+        self.record = false;
     }
 
     /// The backend this call went to.
@@ -107,11 +135,78 @@ impl Drop for RequestGuard {
         let b = &self.backend;
         b.in_flight.fetch_sub(1, Ordering::Relaxed);
         b.metrics.in_flight.dec();
+        if !self.record {
+            return;
+        }
         b.requests.fetch_add(1, Ordering::Relaxed);
         if self.outcome != Outcome::Success {
             b.failures.fetch_add(1, Ordering::Relaxed);
         }
         b.metrics
             .record(self.outcome, self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::metrics::Metrics;
+
+    fn backend() -> Arc<BackendState> {
+        let metrics = Metrics::new();
+        let key = BackendKey {
+            upstream: Arc::from("u"),
+            address: Arc::from("127.0.0.1:1"),
+        };
+        Arc::new(BackendState::new(
+            key,
+            "127.0.0.1:1".parse().expect("addr"),
+            metrics.backend("u", "127.0.0.1:1"),
+        ))
+    }
+
+    #[test]
+    fn the_bulkhead_admits_at_most_max_and_frees_on_drop() {
+        let b = backend();
+        let first = b.try_start_request(2).expect("room");
+        let _second = b.try_start_request(2).expect("room");
+        assert!(b.try_start_request(2).is_none());
+        assert_eq!(b.in_flight(), 2);
+        drop(first);
+        assert!(b.try_start_request(2).is_some());
+    }
+
+    #[test]
+    fn the_bulkhead_holds_under_racing_threads() {
+        let b = backend();
+        let admitted = AtomicUsize::new(0);
+        let peak = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..2000 {
+                        if let Some(g) = b.try_start_request(3) {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            peak.fetch_max(b.in_flight(), Ordering::Relaxed);
+                            drop(g);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(admitted.load(Ordering::Relaxed) > 0);
+        assert!(
+            peak.load(Ordering::Relaxed) <= 3,
+            "peak {}",
+            peak.load(Ordering::Relaxed)
+        );
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_abandoned_call_counts_nothing() {
+        let b = backend();
+        b.try_start_request(0).expect("unlimited").abandon();
+        assert_eq!((b.in_flight(), b.requests_total()), (0, 0));
     }
 }

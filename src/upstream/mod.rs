@@ -12,7 +12,7 @@ use crate::admin::metrics::{Metrics, ShedMetrics};
 use crate::balance::{self, Balancer};
 use crate::config::UpstreamConfig;
 use crate::resilience::limit::InFlightLimit;
-use backend::{BackendKey, BackendState};
+use backend::{BackendKey, BackendState, RequestGuard};
 use client::UpstreamClient;
 use registry::Registry;
 
@@ -67,12 +67,9 @@ impl Upstream {
     /// An eligible backend for a request with this key, or `None` when no
     /// backend is eligible.
     pub fn pick(&self, key: Option<u64>) -> Option<&Arc<BackendState>> {
-        let i = self.balancer.pick(&self.backends, key, &is_eligible)?;
-        self.backends.get(i)
+        self.pick_excluding(key, &[])
     }
-}
 
-impl Upstream {
     /// Like [`Upstream::pick`], never returning one of `tried` (a failover
     /// goes to a different backend when there is one).
     pub fn pick_excluding(
@@ -81,14 +78,33 @@ impl Upstream {
         tried: &[Arc<BackendState>],
     ) -> Option<&Arc<BackendState>> {
         let eligible =
-            |b: &BackendState| is_eligible(b) && !tried.iter().any(|t| std::ptr::eq(&**t, b));
+            |b: &BackendState| self.admits(b) && !tried.iter().any(|t| std::ptr::eq(&**t, b));
         let i = self.balancer.pick(&self.backends, key, &eligible)?;
         self.backends.get(i)
     }
-}
 
-/// Whether a backend may take a new request. Health, circuit and bulkhead
-/// state will narrow this; today every configured backend is eligible.
-fn is_eligible(_backend: &BackendState) -> bool {
-    true
+    /// Picks an eligible backend not in `tried` and starts a call on it,
+    /// under the per-backend bulkhead. A backend that filled up between the
+    /// pick and the start is added to `tried` and another is picked.
+    pub fn start_call(
+        &self,
+        key: Option<u64>,
+        tried: &mut Vec<Arc<BackendState>>,
+    ) -> Option<RequestGuard> {
+        loop {
+            let backend = Arc::clone(self.pick_excluding(key, tried)?);
+            let max = self.config.max_in_flight_per_backend;
+            if let Some(guard) = backend.try_start_request(max) {
+                return Some(guard);
+            }
+            tried.push(backend);
+        }
+    }
+
+    /// Whether `backend` may take one more call: under its bulkhead. Health
+    /// and circuit state will narrow this.
+    fn admits(&self, backend: &BackendState) -> bool {
+        let max = self.config.max_in_flight_per_backend;
+        max == 0 || backend.in_flight() < max
+    }
 }
