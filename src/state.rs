@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 
 use crate::admin::metrics::{Metrics, RouteMetrics};
 use crate::config::{Config, ListenerConfig, RouteTarget};
+use crate::health::HealthChecks;
 use crate::proxy::route::Router;
 use crate::upstream::registry::Registry;
 use crate::upstream::Upstream;
@@ -119,6 +120,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: Registry,
     pub metrics: Metrics,
+    /// The health-check tasks of the current snapshot.
+    pub health: HealthChecks,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -132,6 +135,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
             metrics,
+            health: HealthChecks::default(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }

@@ -788,3 +788,91 @@ async fn a_full_backend_bulkhead_makes_it_ineligible_until_it_has_room() {
     }
     assert_eq!(tally(&bodies).len(), 2, "{bodies:?}");
 }
+
+/// The value of one metric line, or `None` when absent.
+fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn wait_backend_up(
+    proxy: &sluice::runtime::Running,
+    backend: std::net::SocketAddr,
+    want: f64,
+) {
+    let prefix = format!("sluice_backend_up{{backend=\"{backend}\",upstream=\"app\"}} ");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = admin_get(proxy, "/metrics").await.body;
+        if metric(&m, &prefix) == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{backend} never reached up={want}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
+    let live = Backend::start("live").await;
+    let dead_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{dead_addr}\", \"{}\"]\n\
+         health_check = {{ path = \"/\", interval = \"50ms\", timeout = \"200ms\", healthy_threshold = 2, unhealthy_threshold = 2 }}\n",
+        live.addr
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    wait_backend_up(&proxy, dead_addr, 0.0).await;
+    for _ in 0..10 {
+        let answer = get(addr, "/").await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.body.as_str()),
+            (200, "live")
+        );
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&admin_get(&proxy, "/status").await.body).expect("json");
+    assert_eq!(status["upstreams"][0]["backends"][0]["health"], "down");
+
+    // The backend comes back on its address: it rejoins after two passes.
+    let revived = Backend::start_at("revived", dead_addr).await;
+    wait_backend_up(&proxy, dead_addr, 1.0).await;
+    let mut bodies = Vec::new();
+    for _ in 0..10 {
+        bodies.push(get(addr, "/").await.body);
+    }
+    assert_eq!(tally(&bodies).get("revived"), Some(&5), "{bodies:?}");
+    let m = admin_get(&proxy, "/metrics").await.body;
+    let failures = format!(
+        "sluice_health_checks_total{{backend=\"{dead_addr}\",result=\"failure\",upstream=\"app\"}} "
+    );
+    assert!(metric(&m, &failures).is_some_and(|n| n >= 2.0), "{m}");
+    drop(revived);
+}
+
+#[tokio::test]
+async fn tcp_health_checks_mark_a_refusing_backend_down() {
+    let live = Backend::start("live").await;
+    let dead_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{dead_addr}\", \"{}\"]\n\
+         health_check = {{ kind = \"tcp\", interval = \"50ms\", unhealthy_threshold = 1 }}\n",
+        live.addr
+    );
+    let proxy = start_proxy(&cfg).await;
+    wait_backend_up(&proxy, dead_addr, 0.0).await;
+    wait_backend_up(&proxy, live.addr, 1.0).await;
+}

@@ -85,8 +85,11 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                     json!({
                         "address": &*b.key.address,
                         "weight": cfg.weight,
-                        // No health checks exist yet: every backend is eligible.
-                        "health": "unchecked",
+                        "health": match (&u.config.health_check, b.is_healthy()) {
+                            (None, _) => "unchecked",
+                            (Some(_), true) => "up",
+                            (Some(_), false) => "down",
+                        },
                         "in_flight": b.in_flight(),
                         "requests_total": b.requests_total(),
                         "failures_total": b.failures_total(),

@@ -31,6 +31,8 @@ pub struct Metrics {
     tcp_bytes: IntCounterVec,
     protocol_errors: IntCounterVec,
     config_reloads: IntCounterVec,
+    backend_up: IntGaugeVec,
+    health_checks: IntCounterVec,
     config_last_reload: IntGauge,
 }
 
@@ -87,9 +89,18 @@ pub struct BackendMetrics {
     outcomes: [IntCounter; 5],
     duration: Histogram,
     pub in_flight: IntGauge,
+    /// 1 while health checks pass (or there are none), else 0.
+    pub up: IntGauge,
+    /// Health checks passed and failed.
+    checks: [IntCounter; 2],
 }
 
 impl BackendMetrics {
+    /// Counts one health check.
+    pub fn health_check(&self, ok: bool) {
+        self.checks[usize::from(!ok)].inc();
+    }
+
     /// Counts one finished upstream call.
     pub fn record(&self, outcome: Outcome, seconds: f64) {
         self.outcomes[outcome as usize].inc();
@@ -197,6 +208,16 @@ impl Metrics {
                 "Client connections closed before proxying for malformed protocol input",
                 &["listener", "kind"],
             ),
+            backend_up: gauge(
+                "sluice_backend_up",
+                "1 while the backend's health checks pass (or it has none), else 0",
+                &["upstream", "backend"],
+            ),
+            health_checks: counter(
+                "sluice_health_checks_total",
+                "Active health checks, by result",
+                &["upstream", "backend", "result"],
+            ),
             config_reloads: counter(
                 "sluice_config_reloads_total",
                 "Configuration reloads, by result",
@@ -257,6 +278,17 @@ impl Metrics {
             in_flight: self
                 .upstream_in_flight
                 .with_label_values(&[upstream, backend]),
+            up: {
+                let up = self.backend_up.with_label_values(&[upstream, backend]);
+                up.set(1);
+                up
+            },
+            checks: [
+                self.health_checks
+                    .with_label_values(&[upstream, backend, "success"]),
+                self.health_checks
+                    .with_label_values(&[upstream, backend, "failure"]),
+            ],
         }
     }
 

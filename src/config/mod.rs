@@ -192,6 +192,32 @@ pub enum BalancerKind {
     Random,
 }
 
+/// Active health checks of an upstream's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    pub interval: Duration,
+    /// One probe's limit (connect, and for http the whole exchange).
+    pub timeout: Duration,
+    /// Consecutive successes that mark a down backend up.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that mark an up backend down.
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// `GET path` (with `host` as the Host header, else the backend
+    /// address); healthy when the status is in `expect_status`.
+    Http {
+        path: String,
+        host: Option<String>,
+        expect_status: (u16, u16),
+    },
+}
+
 /// Which PROXY protocol header to send to backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocolVersion {
@@ -232,6 +258,8 @@ pub struct UpstreamConfig {
     pub balancer: BalancerKind,
     /// What `consistent_hash` hashes (ignored by the other balancers).
     pub hash_key: HashKey,
+    /// Active health checks; `None` = every backend counts as up.
+    pub health_check: Option<HealthCheckConfig>,
     /// Send a PROXY protocol header to backends (tcp listeners only).
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     pub backends: Vec<BackendConfig>,

@@ -643,10 +643,6 @@ fn each_unsupported_key_is_rejected_as_not_supported_yet() {
         ("discovery = { dns = \"app:80\" }", "upstream[0].discovery"),
         ("retry = { attempts = 3 }", "upstream[0].retry"),
         (
-            "health_check = { path = \"/\" }",
-            "upstream[0].health_check",
-        ),
-        (
             "circuit_breaker = { consecutive_failures = 5 }",
             "upstream[0].circuit_breaker",
         ),
@@ -1078,4 +1074,49 @@ fn misplaced_tcp_and_sni_settings_are_errors() {
 
     let error = one_error(&upstream_with("send_proxy_protocol = \"v3\""));
     assert_eq!(error.path, "upstream[0].send_proxy_protocol");
+}
+
+#[test]
+fn health_checks_parse_with_defaults_and_bad_values_are_errors() {
+    let config = parse(&upstream_with(
+        "health_check = { path = \"/ping\", interval = \"500ms\" }",
+    ));
+    let check = config.upstreams[0]
+        .health_check
+        .clone()
+        .expect("health check");
+    assert_eq!(
+        check.kind,
+        HealthCheckKind::Http {
+            path: "/ping".into(),
+            host: None,
+            expect_status: (200, 399)
+        }
+    );
+    assert_eq!(check.interval, Duration::from_millis(500));
+    assert_eq!(check.timeout, Duration::from_secs(1));
+    assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (2, 3));
+
+    let config = parse(&upstream_with(
+        "health_check = { kind = \"tcp\", unhealthy_threshold = 1 }",
+    ));
+    let check = config.upstreams[0]
+        .health_check
+        .clone()
+        .expect("health check");
+    assert_eq!(check.kind, HealthCheckKind::Tcp);
+    assert_eq!(check.unhealthy_threshold, 1);
+
+    let error = one_error(&upstream_with(
+        "health_check = { expect_status = \"200-99\" }",
+    ));
+    assert_eq!(error.path, "upstream[0].health_check.expect_status");
+    let error = one_error(&upstream_with(
+        "health_check = { kind = \"tcp\", path = \"/\" }",
+    ));
+    assert_eq!(error.path, "upstream[0].health_check.path");
+    let error = one_error(&upstream_with("health_check = { kind = \"udp\" }"));
+    assert_eq!(error.path, "upstream[0].health_check.kind");
+    let error = one_error(&upstream_with("health_check = { path = \"ping\" }"));
+    assert_eq!(error.path, "upstream[0].health_check.path");
 }

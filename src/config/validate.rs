@@ -21,10 +21,11 @@ use super::schema::{
     did_you_mean, expect_str, expect_table, join_index, Problems, TableReader, Value,
 };
 use super::{
-    AdminConfig, BackendConfig, BalancerKind, Cidr, Config, ConfigSource, HashKey, HostMatch,
-    ListenerConfig, ListenerProtocol, ListenerTimeouts, LogConfig, LogFormat, PoolConfig,
-    ProxyProtocolVersion, RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig,
-    UpstreamProtocol, UpstreamTimeouts, DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
+    AdminConfig, BackendConfig, BalancerKind, Cidr, Config, ConfigSource, HashKey,
+    HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig, ListenerProtocol,
+    ListenerTimeouts, LogConfig, LogFormat, PoolConfig, ProxyProtocolVersion, RouteConfig,
+    RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig, UpstreamProtocol, UpstreamTimeouts,
+    DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -60,6 +61,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "hash_key",
     "hash",
     "send_proxy_protocol",
+    "health_check",
     "backends",
     "protocol",
     "max_in_flight",
@@ -69,13 +71,17 @@ const UPSTREAM_KEYS: &[&str] = &[
     "timeouts",
 ];
 const HASH_KEYS: &[&str] = &["vnodes", "bounded_load"];
-const UPSTREAM_UNSUPPORTED: &[&str] = &[
-    "discovery",
-    "retry",
-    "health_check",
-    "circuit_breaker",
-    "tls",
+const HEALTH_KEYS: &[&str] = &[
+    "kind",
+    "path",
+    "host",
+    "interval",
+    "timeout",
+    "healthy_threshold",
+    "unhealthy_threshold",
+    "expect_status",
 ];
+const UPSTREAM_UNSUPPORTED: &[&str] = &["discovery", "retry", "circuit_breaker", "tls"];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
 const POOL_KEYS: &[&str] = &["max_idle_per_backend", "idle_timeout"];
 const UPSTREAM_TIMEOUT_KEYS: &[&str] = &["connect", "request", "per_try"];
@@ -95,6 +101,7 @@ pub(super) const ACCEPTED_KEYS: &[&[&str]] = &[
     SPLIT_KEYS,
     UPSTREAM_KEYS,
     HASH_KEYS,
+    HEALTH_KEYS,
     BACKEND_KEYS,
     POOL_KEYS,
     UPSTREAM_TIMEOUT_KEYS,
@@ -640,6 +647,81 @@ fn balancer(t: &TableReader<'_, '_>, problems: &mut Problems) -> (BalancerKind, 
     (kind, key.unwrap_or(HashKey::ClientIp))
 }
 
+/// `health_check = { kind, path, host, interval, timeout, ... }`.
+fn health_check(t: &TableReader<'_, '_>, problems: &mut Problems) -> HealthCheckConfig {
+    t.reject_unknown_keys(problems, HEALTH_KEYS, &[]);
+    let is_http = choice(t, problems, "kind", &["http", "tcp"], &[]) != Some("tcp");
+    let path = t.str(problems, "path").and_then(|s| {
+        if s.get_ref().starts_with('/') {
+            Some(s.get_ref().to_string())
+        } else {
+            problems.push(
+                s.span(),
+                &t.key_path("path"),
+                format!("{:?} must start with \"/\"", s.get_ref()),
+            );
+            None
+        }
+    });
+    let host = t.str(problems, "host").map(|s| s.get_ref().to_string());
+    let expect_status = t
+        .str(problems, "expect_status")
+        .and_then(|s| match parse_status_range(s.get_ref()) {
+            Some(range) => Some(range),
+            None => {
+                problems.push(
+                    s.span(),
+                    &t.key_path("expect_status"),
+                    format!(
+                        "{:?} is not a status or range of statuses (like \"200\" or \"200-399\", within 100-599)",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        })
+        .unwrap_or((200, 399));
+    if !is_http {
+        for key in ["path", "host", "expect_status"] {
+            if let Some(span) = t.key_span(key) {
+                problems.push(
+                    span,
+                    &t.key_path(key),
+                    format!("{key} applies to kind = \"http\" only"),
+                );
+            }
+        }
+    }
+    let kind = if is_http {
+        HealthCheckKind::Http {
+            path: path.unwrap_or_else(|| "/healthz".to_owned()),
+            host,
+            expect_status,
+        }
+    } else {
+        HealthCheckKind::Tcp
+    };
+    HealthCheckConfig {
+        kind,
+        interval: positive_duration(t, problems, "interval", Duration::from_secs(2)),
+        timeout: positive_duration(t, problems, "timeout", Duration::from_secs(1)),
+        healthy_threshold: to_u32(int_in(t, problems, "healthy_threshold", 1..=1000, 2)),
+        unhealthy_threshold: to_u32(int_in(t, problems, "unhealthy_threshold", 1..=1000, 3)),
+    }
+}
+
+/// `"200"` or `"200-399"`, within 100..=599.
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match text.split_once('-') {
+        Some((lo, hi)) => (lo.trim().parse().ok()?, hi.trim().parse().ok()?),
+        None => {
+            let n = text.trim().parse().ok()?;
+            (n, n)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
+}
+
 /// `hash_key`: client_ip | header:NAME | cookie:NAME | query:NAME | path.
 fn hash_key(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<HashKey> {
     let value = t.str(problems, "hash_key")?;
@@ -692,6 +774,9 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
     };
     let max_in_flight = count(t, problems, "max_in_flight", 0, 1000);
     let max_in_flight_per_backend = count(t, problems, "max_in_flight_per_backend", 0, 0);
+    let health_check = t
+        .table(problems, "health_check")
+        .map(|h| health_check(&h, problems));
     if !duration(t, problems, "slow_start", Duration::ZERO).is_zero() {
         let span = t
             .get("slow_start")
@@ -743,6 +828,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         protocol,
         max_in_flight,
         max_in_flight_per_backend,
+        health_check,
         pool,
         timeouts,
     })

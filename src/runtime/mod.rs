@@ -106,6 +106,7 @@ pub async fn run(config: Config) -> Result<Running, RunError> {
 
     let shared = Arc::new(Shared::new(config, metrics));
     shared.metrics.config_loaded(true, unix_now());
+    shared.health.restart(&shared.snapshot.load());
     let admin = admin_socket.local_addr().map_err(|source| RunError::Bind {
         name: "admin".into(),
         addr: admin_addr,
@@ -160,6 +161,7 @@ pub async fn run(config: Config) -> Result<Running, RunError> {
                     "shutdown grace expired with connections still open"
                 ),
             }
+            shared.health.stop();
             admin_stop.cancel();
             let _ = admin_task.await;
         })

@@ -75,8 +75,9 @@ pub fn apply(shared: &Shared, new: Config) -> Result<(), ReloadError> {
             })
         })
         .collect();
-    let snapshot = Snapshot::build(new, &shared.registry, &shared.metrics);
-    shared.snapshot.store(Arc::new(snapshot));
+    let snapshot = Arc::new(Snapshot::build(new, &shared.registry, &shared.metrics));
+    shared.snapshot.store(Arc::clone(&snapshot));
+    shared.health.restart(&snapshot);
     shared.registry.retain(&|k| keep.contains(k));
     Ok(())
 }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -33,6 +33,8 @@ pub struct BackendState {
     /// `addr` as a URI authority, for the requests sent to it.
     pub authority: http::uri::Authority,
     in_flight: AtomicUsize,
+    /// Health checks' verdict; true when unchecked.
+    healthy: AtomicBool,
     requests: AtomicU64,
     failures: AtomicU64,
     metrics: BackendMetrics,
@@ -48,10 +50,27 @@ impl BackendState {
             addr,
             authority,
             in_flight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             metrics,
         }
+    }
+
+    /// Whether health checks pass (always true without health checks).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Sets the health checks' verdict.
+    pub fn set_healthy(&self, up: bool) {
+        self.healthy.store(up, Ordering::Release);
+        self.metrics.up.set(i64::from(up));
+    }
+
+    /// Counts one health check.
+    pub fn record_health_check(&self, ok: bool) {
+        self.metrics.health_check(ok);
     }
 
     /// Calls to this backend in progress.

@@ -101,10 +101,10 @@ impl Upstream {
         }
     }
 
-    /// Whether `backend` may take one more call: under its bulkhead. Health
-    /// and circuit state will narrow this.
+    /// Whether `backend` may take one more call: health checks pass and it
+    /// is under its bulkhead. Circuit state will narrow this.
     fn admits(&self, backend: &BackendState) -> bool {
         let max = self.config.max_in_flight_per_backend;
-        max == 0 || backend.in_flight() < max
+        backend.is_healthy() && (max == 0 || backend.in_flight() < max)
     }
 }

@@ -61,6 +61,16 @@ impl Backend {
         let socket = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
+        Backend::serve(name, delay, socket)
+    }
+
+    /// A backend on a given address (one that was free a moment ago).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Backend {
+        let socket = TcpListener::bind(addr).await.expect("bind backend address");
+        Backend::serve(name, Duration::ZERO, socket)
+    }
+
+    fn serve(name: &str, delay: Duration, socket: TcpListener) -> Backend {
         let addr = socket.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let arrived = Arc::new(Notify::new());

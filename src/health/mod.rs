@@ -1,0 +1,199 @@
+//! Active health checks: one probe task per backend, on its interval with
+//! jitter, flipping the backend's health after enough consecutive results.
+//!
+//! The tasks belong to a [`HealthChecks`] handle in the shared state: each
+//! config snapshot (start or reload) replaces them as a whole, so a reload
+//! never leaves a duplicate or orphaned checker. Health itself lives in the
+//! backend's long-lived state, so it survives reloads.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HealthCheckConfig, HealthCheckKind};
+use crate::state::Snapshot;
+use crate::upstream::backend::BackendState;
+
+/// Consecutive results of one backend's checks and its current verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    up: bool,
+    successes: u32,
+    failures: u32,
+}
+
+impl Thresholds {
+    /// Starts in state `up`.
+    pub fn new(up: bool) -> Self {
+        Thresholds {
+            up,
+            successes: 0,
+            failures: 0,
+        }
+    }
+
+    /// Counts one check; returns the new state when it flips.
+    pub fn record(&mut self, ok: bool, healthy: u32, unhealthy: u32) -> Option<bool> {
+        if ok {
+            self.successes = self.successes.saturating_add(1);
+            self.failures = 0;
+            if !self.up && self.successes >= healthy {
+                self.up = true;
+                return Some(true);
+            }
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.successes = 0;
+            if self.up && self.failures >= unhealthy {
+                self.up = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// The running health-check tasks of the current snapshot.
+#[derive(Default)]
+pub struct HealthChecks {
+    current: Mutex<Option<CancellationToken>>,
+}
+
+impl HealthChecks {
+    /// Stops the running checkers and starts one per backend of every
+    /// upstream of `snapshot` that has `health_check`. Needs a tokio runtime.
+    pub fn restart(&self, snapshot: &Snapshot) {
+        let token = CancellationToken::new();
+        for upstream in &snapshot.upstreams {
+            let Some(check) = &upstream.config.health_check else {
+                // Checks removed by a reload: nothing holds these down now.
+                for backend in &upstream.backends {
+                    backend.set_healthy(true);
+                }
+                continue;
+            };
+            for backend in &upstream.backends {
+                tokio::spawn(run(Arc::clone(backend), check.clone(), token.child_token()));
+            }
+        }
+        let old = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(token);
+        if let Some(old) = old {
+            old.cancel();
+        }
+    }
+
+    /// Stops every checker.
+    pub fn stop(&self) {
+        if let Some(token) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            token.cancel();
+        }
+    }
+}
+
+impl Drop for HealthChecks {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Checks one backend until cancelled.
+async fn run(backend: Arc<BackendState>, check: HealthCheckConfig, stop: CancellationToken) {
+    let mut state = Thresholds::new(backend.is_healthy());
+    loop {
+        // Up to 10% early or late, so checks of many backends spread out.
+        let jitter = 0.9 + fastrand::f64() * 0.2;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(check.interval.mul_f64(jitter)) => {}
+        }
+        let ok = tokio::select! {
+            _ = stop.cancelled() => return,
+            ok = probe(&backend, &check) => ok,
+        };
+        backend.record_health_check(ok);
+        if let Some(up) = state.record(ok, check.healthy_threshold, check.unhealthy_threshold) {
+            backend.set_healthy(up);
+            if up {
+                tracing::info!(backend = %backend.key, "backend is up: health checks pass");
+            } else {
+                tracing::warn!(backend = %backend.key, "backend is down: health checks fail");
+            }
+        }
+    }
+}
+
+/// One probe within `check.timeout`.
+async fn probe(backend: &BackendState, check: &HealthCheckConfig) -> bool {
+    let attempt = async {
+        let stream = TcpStream::connect(backend.addr).await.ok()?;
+        match &check.kind {
+            HealthCheckKind::Tcp => Some(true),
+            HealthCheckKind::Http {
+                path,
+                host,
+                expect_status,
+            } => {
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .ok()?;
+                let driver = tokio::spawn(conn);
+                let host = host.as_deref().unwrap_or(backend.authority.as_str());
+                let request = http::Request::get(path.as_str())
+                    .header(http::header::HOST, host)
+                    .header(http::header::USER_AGENT, "sluice-health-check")
+                    .header(http::header::CONNECTION, "close")
+                    .body(Empty::<Bytes>::new())
+                    .ok()?;
+                let response = sender.send_request(request).await.ok();
+                driver.abort();
+                let status = response?.status().as_u16();
+                Some((expect_status.0..=expect_status.1).contains(&status))
+            }
+        }
+    };
+    matches!(
+        tokio::time::timeout(check.timeout, attempt).await,
+        Ok(Some(true))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flips_down_after_unhealthy_threshold_and_up_after_healthy_threshold() {
+        let mut t = Thresholds::new(true);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(false, 2, 3), Some(false));
+        assert_eq!(t.record(false, 2, 3), None);
+        assert_eq!(t.record(true, 2, 3), None);
+        assert_eq!(t.record(true, 2, 3), Some(true));
+        assert_eq!(t.record(true, 2, 3), None);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let mut t = Thresholds::new(true);
+        for _ in 0..10 {
+            assert_eq!(t.record(false, 2, 3), None);
+            assert_eq!(t.record(false, 2, 3), None);
+            assert_eq!(t.record(true, 2, 3), None);
+        }
+    }
+}
