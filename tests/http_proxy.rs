@@ -876,3 +876,58 @@ async fn tcp_health_checks_mark_a_refusing_backend_down() {
     wait_backend_up(&proxy, dead_addr, 0.0).await;
     wait_backend_up(&proxy, live.addr, 1.0).await;
 }
+
+#[tokio::test]
+async fn a_failing_backend_trips_its_circuit_and_a_half_open_probe_closes_it() {
+    let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
+    bad.force_status(503);
+    let cfg = simple_config(
+        &[&bad, &good],
+        "circuit_breaker = { consecutive_failures = 3, open_for = \"300ms\", open_for_max = \"5s\" }",
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        codes.push(get(addr, "/").await.status.as_u16());
+    }
+    // Three failures open the circuit; everything after goes to "good".
+    assert_eq!(bad.hits(), 3, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 503).count(), 3);
+    let m = admin_get(&proxy, "/metrics").await.body;
+    let state = format!(
+        "sluice_backend_circuit_state{{backend=\"{}\",upstream=\"app\"}} ",
+        bad.addr
+    );
+    assert_eq!(metric(&m, &state), Some(2.0), "{m}");
+
+    // The backend recovers; once open_for has passed, one probe closes it.
+    bad.force_status(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        get(addr, "/").await;
+        let m = admin_get(&proxy, "/metrics").await.body;
+        if metric(&m, &state) == Some(0.0) {
+            let closed = format!(
+                "sluice_circuit_transitions_total{{backend=\"{}\",to=\"closed\",upstream=\"app\"}} ",
+                bad.addr
+            );
+            assert_eq!(metric(&m, &closed), Some(1.0), "{m}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "circuit never closed:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut bodies = Vec::new();
+    for _ in 0..4 {
+        bodies.push(get(addr, "/").await.body);
+    }
+    assert_eq!(
+        tally(&bodies).len(),
+        2,
+        "both backends serve again: {bodies:?}"
+    );
+}

@@ -90,6 +90,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                             (Some(_), true) => "up",
                             (Some(_), false) => "down",
                         },
+                        "circuit": b.circuit_state().map(|s| s.as_str()),
                         "in_flight": b.in_flight(),
                         "requests_total": b.requests_total(),
                         "failures_total": b.failures_total(),

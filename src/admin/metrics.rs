@@ -6,6 +6,7 @@
 //! ([`RouteMetrics`]) and once per backend ([`BackendMetrics`]), and requests
 //! only touch those handles.
 
+use crate::resilience::breaker::CircuitState;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -33,6 +34,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     backend_up: IntGaugeVec,
     health_checks: IntCounterVec,
+    circuit_state: IntGaugeVec,
+    circuit_transitions: IntCounterVec,
     config_last_reload: IntGauge,
 }
 
@@ -93,9 +96,19 @@ pub struct BackendMetrics {
     pub up: IntGauge,
     /// Health checks passed and failed.
     checks: [IntCounter; 2],
+    /// 0 closed, 1 half-open, 2 open.
+    pub circuit_state: IntGauge,
+    /// Transitions to closed, half-open and open.
+    transitions: [IntCounter; 3],
 }
 
 impl BackendMetrics {
+    /// Records a circuit transition to `state`.
+    pub fn circuit(&self, state: CircuitState) {
+        self.circuit_state.set(state as i64);
+        self.transitions[state as usize].inc();
+    }
+
     /// Counts one health check.
     pub fn health_check(&self, ok: bool) {
         self.checks[usize::from(!ok)].inc();
@@ -208,6 +221,16 @@ impl Metrics {
                 "Client connections closed before proxying for malformed protocol input",
                 &["listener", "kind"],
             ),
+            circuit_state: gauge(
+                "sluice_backend_circuit_state",
+                "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+                &["upstream", "backend"],
+            ),
+            circuit_transitions: counter(
+                "sluice_circuit_transitions_total",
+                "Circuit breaker transitions, by the state entered",
+                &["upstream", "backend", "to"],
+            ),
             backend_up: gauge(
                 "sluice_backend_up",
                 "1 while the backend's health checks pass (or it has none), else 0",
@@ -289,6 +312,16 @@ impl Metrics {
                 self.health_checks
                     .with_label_values(&[upstream, backend, "failure"]),
             ],
+            circuit_state: self.circuit_state.with_label_values(&[upstream, backend]),
+            transitions: [
+                CircuitState::Closed,
+                CircuitState::HalfOpen,
+                CircuitState::Open,
+            ]
+            .map(|s| {
+                self.circuit_transitions
+                    .with_label_values(&[upstream, backend, s.as_str()])
+            }),
         }
     }
 

@@ -218,6 +218,22 @@ pub enum HealthCheckKind {
     },
 }
 
+/// The passive circuit breaker of each backend of an upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitBreakerConfig {
+    /// Failures in a row that open the circuit (0 = only the rate counts).
+    pub consecutive_failures: u32,
+    /// Failure share over `window` above which the circuit opens...
+    pub failure_rate: f64,
+    /// ...once at least this many calls ended in the window.
+    pub min_requests: u32,
+    pub window: Duration,
+    pub open_for: Duration,
+    pub open_for_max: Duration,
+    /// Probes let through while half-open; all must succeed to close.
+    pub half_open_probes: u32,
+}
+
 /// Which PROXY protocol header to send to backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocolVersion {
@@ -258,6 +274,8 @@ pub struct UpstreamConfig {
     pub balancer: BalancerKind,
     /// What `consistent_hash` hashes (ignored by the other balancers).
     pub hash_key: HashKey,
+    /// Passive circuit breaking per backend; `None` = off.
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
     /// Active health checks; `None` = every backend counts as up.
     pub health_check: Option<HealthCheckConfig>,
     /// Send a PROXY protocol header to backends (tcp listeners only).

@@ -642,10 +642,6 @@ fn each_unsupported_key_is_rejected_as_not_supported_yet() {
     let upstream_cases = [
         ("discovery = { dns = \"app:80\" }", "upstream[0].discovery"),
         ("retry = { attempts = 3 }", "upstream[0].retry"),
-        (
-            "circuit_breaker = { consecutive_failures = 5 }",
-            "upstream[0].circuit_breaker",
-        ),
         ("tls = { verify = true }", "upstream[0].tls"),
         ("slow_start = \"30s\"", "upstream[0].slow_start"),
         ("protocol = \"auto\"", "upstream[0].protocol"),
@@ -1119,4 +1115,33 @@ fn health_checks_parse_with_defaults_and_bad_values_are_errors() {
     assert_eq!(error.path, "upstream[0].health_check.kind");
     let error = one_error(&upstream_with("health_check = { path = \"ping\" }"));
     assert_eq!(error.path, "upstream[0].health_check.path");
+}
+
+#[test]
+fn circuit_breakers_parse_with_defaults_and_bad_values_are_errors() {
+    let config = parse(&upstream_with(
+        "circuit_breaker = { consecutive_failures = 2 }",
+    ));
+    let c = config.upstreams[0]
+        .circuit_breaker
+        .clone()
+        .expect("breaker");
+    assert_eq!(c.consecutive_failures, 2);
+    assert_eq!(c.failure_rate, 0.5);
+    assert_eq!(c.min_requests, 20);
+    assert_eq!(c.window, Duration::from_secs(10));
+    assert_eq!(
+        (c.open_for, c.open_for_max),
+        (Duration::from_secs(5), Duration::from_secs(120))
+    );
+    assert_eq!(c.half_open_probes, 1);
+
+    let error = one_error(&upstream_with("circuit_breaker = { failure_rate = 1.5 }"));
+    assert_eq!(error.path, "upstream[0].circuit_breaker.failure_rate");
+    let error = one_error(&upstream_with(
+        "circuit_breaker = { open_for = \"10s\", open_for_max = \"1s\" }",
+    ));
+    assert_eq!(error.path, "upstream[0].circuit_breaker.open_for_max");
+    let error = one_error(&upstream_with("circuit_breaker = { half_open_probes = 0 }"));
+    assert_eq!(error.path, "upstream[0].circuit_breaker.half_open_probes");
 }

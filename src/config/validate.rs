@@ -21,8 +21,8 @@ use super::schema::{
     did_you_mean, expect_str, expect_table, join_index, Problems, TableReader, Value,
 };
 use super::{
-    AdminConfig, BackendConfig, BalancerKind, Cidr, Config, ConfigSource, HashKey,
-    HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig, ListenerProtocol,
+    AdminConfig, BackendConfig, BalancerKind, Cidr, CircuitBreakerConfig, Config, ConfigSource,
+    HashKey, HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig, ListenerProtocol,
     ListenerTimeouts, LogConfig, LogFormat, PoolConfig, ProxyProtocolVersion, RouteConfig,
     RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig, UpstreamProtocol, UpstreamTimeouts,
     DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
@@ -62,6 +62,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "hash",
     "send_proxy_protocol",
     "health_check",
+    "circuit_breaker",
     "backends",
     "protocol",
     "max_in_flight",
@@ -71,6 +72,15 @@ const UPSTREAM_KEYS: &[&str] = &[
     "timeouts",
 ];
 const HASH_KEYS: &[&str] = &["vnodes", "bounded_load"];
+const BREAKER_KEYS: &[&str] = &[
+    "consecutive_failures",
+    "failure_rate",
+    "min_requests",
+    "window",
+    "open_for",
+    "open_for_max",
+    "half_open_probes",
+];
 const HEALTH_KEYS: &[&str] = &[
     "kind",
     "path",
@@ -81,7 +91,7 @@ const HEALTH_KEYS: &[&str] = &[
     "unhealthy_threshold",
     "expect_status",
 ];
-const UPSTREAM_UNSUPPORTED: &[&str] = &["discovery", "retry", "circuit_breaker", "tls"];
+const UPSTREAM_UNSUPPORTED: &[&str] = &["discovery", "retry", "tls"];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
 const POOL_KEYS: &[&str] = &["max_idle_per_backend", "idle_timeout"];
 const UPSTREAM_TIMEOUT_KEYS: &[&str] = &["connect", "request", "per_try"];
@@ -102,6 +112,7 @@ pub(super) const ACCEPTED_KEYS: &[&[&str]] = &[
     UPSTREAM_KEYS,
     HASH_KEYS,
     HEALTH_KEYS,
+    BREAKER_KEYS,
     BACKEND_KEYS,
     POOL_KEYS,
     UPSTREAM_TIMEOUT_KEYS,
@@ -710,6 +721,48 @@ fn health_check(t: &TableReader<'_, '_>, problems: &mut Problems) -> HealthCheck
     }
 }
 
+/// `circuit_breaker = { consecutive_failures, failure_rate, ... }`.
+fn circuit_breaker(t: &TableReader<'_, '_>, problems: &mut Problems) -> CircuitBreakerConfig {
+    t.reject_unknown_keys(problems, BREAKER_KEYS, &[]);
+    let failure_rate = match t.float(problems, "failure_rate") {
+        None => 0.5,
+        Some(r) if *r.get_ref() > 0.0 && *r.get_ref() <= 1.0 => *r.get_ref(),
+        Some(r) => {
+            problems.push(
+                r.span(),
+                &t.key_path("failure_rate"),
+                format!("must be above 0 and at most 1, found {}", r.get_ref()),
+            );
+            0.5
+        }
+    };
+    let open_for = positive_duration(t, problems, "open_for", Duration::from_secs(5));
+    let open_for_max = positive_duration(t, problems, "open_for_max", Duration::from_secs(120));
+    if open_for_max < open_for {
+        let span = t.key_span("open_for_max").unwrap_or_else(|| t.span());
+        problems.push(
+            span,
+            &t.key_path("open_for_max"),
+            "must not be shorter than open_for",
+        );
+    }
+    CircuitBreakerConfig {
+        consecutive_failures: to_u32(int_in(
+            t,
+            problems,
+            "consecutive_failures",
+            0..=1_000_000,
+            5,
+        )),
+        failure_rate,
+        min_requests: to_u32(int_in(t, problems, "min_requests", 1..=1_000_000, 20)),
+        window: positive_duration(t, problems, "window", Duration::from_secs(10)),
+        open_for,
+        open_for_max,
+        half_open_probes: to_u32(int_in(t, problems, "half_open_probes", 1..=1000, 1)),
+    }
+}
+
 /// `"200"` or `"200-399"`, within 100..=599.
 fn parse_status_range(text: &str) -> Option<(u16, u16)> {
     let (lo, hi) = match text.split_once('-') {
@@ -777,6 +830,9 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
     let health_check = t
         .table(problems, "health_check")
         .map(|h| health_check(&h, problems));
+    let circuit_breaker = t
+        .table(problems, "circuit_breaker")
+        .map(|c| circuit_breaker(&c, problems));
     if !duration(t, problems, "slow_start", Duration::ZERO).is_zero() {
         let span = t
             .get("slow_start")
@@ -829,6 +885,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         max_in_flight,
         max_in_flight_per_backend,
         health_check,
+        circuit_breaker,
         pool,
         timeouts,
     })

@@ -1,3 +1,4 @@
 //! Protection of backends and of Sluice itself: in-flight limits for now.
 
+pub mod breaker;
 pub mod limit;

@@ -11,7 +11,11 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use arc_swap::ArcSwapOption;
+
 use crate::admin::metrics::{BackendMetrics, Outcome};
+use crate::config::CircuitBreakerConfig;
+use crate::resilience::breaker::{Admission, Breaker, CircuitState};
 
 /// The identity of a backend: which upstream, which `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -35,6 +39,8 @@ pub struct BackendState {
     in_flight: AtomicUsize,
     /// Health checks' verdict; true when unchecked.
     healthy: AtomicBool,
+    /// The circuit breaker, when the upstream configures one.
+    breaker: ArcSwapOption<Breaker>,
     requests: AtomicU64,
     failures: AtomicU64,
     metrics: BackendMetrics,
@@ -51,9 +57,48 @@ impl BackendState {
             authority,
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
+            breaker: ArcSwapOption::empty(),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             metrics,
+        }
+    }
+
+    /// Installs the upstream's circuit breaker settings; a breaker whose
+    /// settings did not change keeps its state across a reload.
+    pub fn configure_breaker(&self, config: Option<&CircuitBreakerConfig>) {
+        let current = self.breaker.load();
+        let same = match (current.as_deref(), config) {
+            (Some(b), Some(c)) => b.config() == c,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.breaker
+                .store(config.map(|c| Arc::new(Breaker::new(c.clone()))));
+            self.metrics.circuit_state.set(0);
+        }
+    }
+
+    /// Whether the circuit lets a pick choose this backend.
+    pub fn circuit_allows(&self) -> bool {
+        self.breaker.load().as_deref().is_none_or(Breaker::allows)
+    }
+
+    /// The circuit state, `None` without a breaker.
+    pub fn circuit_state(&self) -> Option<CircuitState> {
+        self.breaker.load().as_deref().map(Breaker::state)
+    }
+
+    fn circuit_moved(&self, to: Option<CircuitState>) {
+        if let Some(state) = to {
+            self.metrics.circuit(state);
+            match state {
+                CircuitState::Open => {
+                    tracing::warn!(backend = %self.key, "circuit open: backend failing")
+                }
+                _ => tracing::info!(backend = %self.key, to = state.as_str(), "circuit changed"),
+            }
         }
     }
 
@@ -99,14 +144,28 @@ impl BackendState {
     /// bulkhead is never exceeded by racing requests.
     pub fn try_start_request(self: &Arc<Self>, max: usize) -> Option<RequestGuard> {
         if max == 0 {
-            return Some(self.start_request());
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .ok()?;
         }
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
-        Some(self.guard())
+        let mut guard = self.guard();
+        // The circuit last: a call it rejects never started.
+        if let Some(breaker) = self.breaker.load_full() {
+            let (admission, moved) = breaker.admit();
+            self.circuit_moved(moved);
+            match admission {
+                Some(a) => guard.admission = Some((breaker, a)),
+                None => {
+                    guard.abandon();
+                    return None;
+                }
+            }
+        }
+        Some(guard)
     }
 
     fn guard(self: &Arc<Self>) -> RequestGuard {
@@ -116,6 +175,7 @@ impl BackendState {
             started: Instant::now(),
             outcome: Outcome::Reset,
             record: true,
+            admission: None,
         }
     }
 }
@@ -128,6 +188,8 @@ pub struct RequestGuard {
     outcome: Outcome,
     /// False once abandoned: in-flight still goes down, nothing is counted.
     record: bool,
+    /// The circuit's permission, told the outcome on drop.
+    admission: Option<(Arc<Breaker>, Admission)>,
 }
 
 impl RequestGuard {
@@ -141,6 +203,11 @@ impl RequestGuard {
     /// the outcome nor the duration is recorded.
     pub fn abandon(mut self) {
         self.record = false;
+        if let Some((breaker, Admission::Probe)) = self.admission.take() {
+            // An unused probe slot: count it as a success so it is freed.
+            let moved = breaker.record(Admission::Probe, false);
+            self.backend.circuit_moved(moved);
+        }
     }
 
     /// The backend this call went to.
@@ -156,6 +223,11 @@ impl Drop for RequestGuard {
         b.metrics.in_flight.dec();
         if !self.record {
             return;
+        }
+        if let Some((breaker, admission)) = self.admission.take() {
+            let failed = self.outcome != Outcome::Success;
+            let moved = breaker.record(admission, failed);
+            b.circuit_moved(moved);
         }
         b.requests.fetch_add(1, Ordering::Relaxed);
         if self.outcome != Outcome::Success {

@@ -40,7 +40,9 @@ impl Upstream {
                     upstream: Arc::clone(&name),
                     address: Arc::from(b.address.as_str()),
                 };
-                registry.get_or_create(key, b.socket_addr, metrics)
+                let state = registry.get_or_create(key, b.socket_addr, metrics);
+                state.configure_breaker(config.circuit_breaker.as_ref());
+                state
             })
             .collect();
         let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
@@ -105,6 +107,6 @@ impl Upstream {
     /// is under its bulkhead. Circuit state will narrow this.
     fn admits(&self, backend: &BackendState) -> bool {
         let max = self.config.max_in_flight_per_backend;
-        backend.is_healthy() && (max == 0 || backend.in_flight() < max)
+        backend.is_healthy() && (max == 0 || backend.in_flight() < max) && backend.circuit_allows()
     }
 }

@@ -40,6 +40,8 @@ pub struct Backend {
     /// Connections accepted, and connections that have ended.
     pub conns: Arc<AtomicUsize>,
     pub closed: Arc<AtomicUsize>,
+    /// When not 0, every request is answered with this status.
+    pub forced_status: Arc<std::sync::atomic::AtomicU16>,
     /// Notified each time a request arrives.
     pub arrived: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -76,8 +78,10 @@ impl Backend {
         let arrived = Arc::new(Notify::new());
         let conns = Arc::new(AtomicUsize::new(0));
         let closed = Arc::new(AtomicUsize::new(0));
+        let forced_status = Arc::new(std::sync::atomic::AtomicU16::new(0));
         let name_arc: Arc<str> = Arc::from(name);
         let task = {
+            let forced = Arc::clone(&forced_status);
             let hits = Arc::clone(&hits);
             let arrived = Arc::clone(&arrived);
             let conns = Arc::clone(&conns);
@@ -92,14 +96,22 @@ impl Backend {
                     let hits = Arc::clone(&hits);
                     let arrived = Arc::clone(&arrived);
                     let name = Arc::clone(&name_arc);
+                    let forced = Arc::clone(&forced);
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             hits.fetch_add(1, Ordering::SeqCst);
                             arrived.notify_waiters();
                             let name = Arc::clone(&name);
+                            let forced = forced.load(Ordering::SeqCst);
                             async move {
                                 if !delay.is_zero() {
                                     tokio::time::sleep(delay).await;
+                                }
+                                if forced != 0 {
+                                    let mut r = Response::new(full(name.to_string()));
+                                    *r.status_mut() = StatusCode::from_u16(forced)
+                                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                                    return Ok::<_, Infallible>(r);
                                 }
                                 Ok::<_, Infallible>(answer(&name, req).await)
                             }
@@ -118,9 +130,15 @@ impl Backend {
             hits,
             conns,
             closed,
+            forced_status,
             arrived,
             task,
         }
+    }
+
+    /// Answers every request with `status` (0: back to normal).
+    pub fn force_status(&self, status: u16) {
+        self.forced_status.store(status, Ordering::SeqCst);
     }
 
     pub fn conns(&self) -> usize {
