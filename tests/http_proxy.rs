@@ -419,7 +419,7 @@ async fn connect_timeout_answers_502_connect_failure_within_the_limit() {
     let metrics = admin_get(&proxy, "/metrics").await.body;
     assert!(
         metrics.contains(&format!(
-            "sluice_upstream_requests_total{{backend=\"{target}\",outcome=\"connect_failure\",upstream=\"app\"}} 1"
+            "sluice_upstream_requests_total{{backend=\"{target}\",outcome=\"connect_failure\",upstream=\"app\"}} 3"
         )),
         "{metrics}"
     );
@@ -930,4 +930,94 @@ async fn a_failing_backend_trips_its_circuit_and_a_half_open_probe_closes_it() {
         2,
         "both backends serve again: {bodies:?}"
     );
+}
+
+fn retry_config(backends: &[&Backend], retry: &str) -> String {
+    simple_config(backends, &format!("max_in_flight = 0\n{retry}"))
+}
+
+#[tokio::test]
+async fn idempotent_requests_are_retried_on_another_backend() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
+    bad.force_status(503);
+    // The default policy retries connect failures; this one 503s too.
+    let cfg = retry_config(
+        &[&bad, &good],
+        // A generous budget: this test is about where retries go.
+        "retry = { on = [\"connect-failure\", \"503\"], budget = 10 }",
+    )
+    .replace("backends = [", &format!("backends = [\"{dead}\", "));
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    for _ in 0..30 {
+        let answer = get(addr, "/").await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.body.as_str()),
+            (200, "good")
+        );
+    }
+    let m = admin_get(&proxy, "/metrics").await.body;
+    for reason in ["connect-failure", "503"] {
+        let line = format!("sluice_retries_total{{reason=\"{reason}\",upstream=\"app\"}} ");
+        assert!(
+            metric(&m, &line).is_some_and(|n| n >= 1.0),
+            "{reason}:\n{m}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn non_idempotent_requests_are_not_retried() {
+    let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
+    bad.force_status(503);
+    let proxy = start_proxy(&retry_config(&[&bad, &good], "retry = { on = [\"503\"] }")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let req = Request::post(format!("http://{addr}/"))
+            .body(empty())
+            .expect("request");
+        statuses.push(send(&h1_client(), req).await.status.as_u16());
+    }
+    // Round robin: every other POST reaches "bad" and its 503 comes back.
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 503).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(bad.hits(), 5);
+    // With an Idempotency-Key the client allows a retry.
+    for _ in 0..10 {
+        let req = Request::post(format!("http://{addr}/"))
+            .header("idempotency-key", "k")
+            .body(empty())
+            .expect("request");
+        assert_eq!(send(&h1_client(), req).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn the_retry_budget_caps_amplification_when_every_backend_fails() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    a.force_status(503);
+    b.force_status(503);
+    let proxy = start_proxy(&retry_config(
+        &[&a, &b],
+        "retry = { attempts = 5, on = [\"503\"], backoff_base = \"1ms\", backoff_max = \"2ms\", budget = 0.2 }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let requests = 200;
+    for _ in 0..requests {
+        assert_eq!(get(addr, "/").await.status, 503);
+    }
+    let hits = a.hits() + b.hits();
+    let cap = requests + requests / 5 + sluice::resilience::retry::MIN_RETRIES_PER_WINDOW as usize;
+    eprintln!("{requests} requests, every backend failing: {hits} backend hits (cap {cap})");
+    assert!(hits <= cap, "{hits} backend hits for {requests} requests");
+    assert!(hits > requests, "some retries happened");
 }

@@ -36,6 +36,7 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     circuit_state: IntGaugeVec,
     circuit_transitions: IntCounterVec,
+    retries: IntCounterVec,
     config_last_reload: IntGauge,
 }
 
@@ -221,6 +222,11 @@ impl Metrics {
                 "Client connections closed before proxying for malformed protocol input",
                 &["listener", "kind"],
             ),
+            retries: counter(
+                "sluice_retries_total",
+                "Requests sent again after a failure, by the failure",
+                &["upstream", "reason"],
+            ),
             circuit_state: gauge(
                 "sluice_backend_circuit_state",
                 "Circuit breaker state: 0 closed, 1 half-open, 2 open",
@@ -323,6 +329,11 @@ impl Metrics {
                     .with_label_values(&[upstream, backend, s.as_str()])
             }),
         }
+    }
+
+    /// The retry counter of one upstream for one reason.
+    pub fn retry(&self, upstream: &str, reason: &str) -> IntCounter {
+        self.retries.with_label_values(&[upstream, reason])
     }
 
     /// Handles for load shedding on one upstream.

@@ -234,6 +234,18 @@ pub struct CircuitBreakerConfig {
     pub half_open_probes: u32,
 }
 
+/// When and how often a failed request is tried again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Every try, the first included; 1 = no retries.
+    pub attempts: u32,
+    pub on: crate::resilience::retry::RetryConditions,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Retries per request allowed over the last ten seconds.
+    pub budget: f64,
+}
+
 /// Which PROXY protocol header to send to backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyProtocolVersion {
@@ -274,6 +286,8 @@ pub struct UpstreamConfig {
     pub balancer: BalancerKind,
     /// What `consistent_hash` hashes (ignored by the other balancers).
     pub hash_key: HashKey,
+    /// Retries of idempotent requests.
+    pub retry: RetryConfig,
     /// Passive circuit breaking per backend; `None` = off.
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     /// Active health checks; `None` = every backend counts as up.

@@ -641,7 +641,6 @@ fn each_unsupported_key_is_rejected_as_not_supported_yet() {
     )];
     let upstream_cases = [
         ("discovery = { dns = \"app:80\" }", "upstream[0].discovery"),
-        ("retry = { attempts = 3 }", "upstream[0].retry"),
         ("tls = { verify = true }", "upstream[0].tls"),
         ("slow_start = \"30s\"", "upstream[0].slow_start"),
         ("protocol = \"auto\"", "upstream[0].protocol"),
@@ -1144,4 +1143,28 @@ fn circuit_breakers_parse_with_defaults_and_bad_values_are_errors() {
     assert_eq!(error.path, "upstream[0].circuit_breaker.open_for_max");
     let error = one_error(&upstream_with("circuit_breaker = { half_open_probes = 0 }"));
     assert_eq!(error.path, "upstream[0].circuit_breaker.half_open_probes");
+}
+
+#[test]
+fn retries_default_to_connect_failures_and_parse_their_conditions() {
+    use crate::resilience::retry::RetryOn;
+    let config = parse(MINIMAL);
+    let r = &config.upstreams[0].retry;
+    assert_eq!(r.attempts, 3);
+    assert!(r.on.contains(RetryOn::ConnectFailure));
+    assert!(!r.on.contains(RetryOn::Status503));
+    assert_eq!(r.budget, 0.2);
+
+    let config = parse(&upstream_with(
+        "retry = { attempts = 2, on = [\"503\", \"timeout\"], budget = 0.5 }",
+    ));
+    let r = &config.upstreams[0].retry;
+    assert_eq!(r.attempts, 2);
+    assert!(r.on.contains(RetryOn::Status503) && r.on.contains(RetryOn::Timeout));
+    assert!(!r.on.contains(RetryOn::ConnectFailure));
+
+    let error = one_error(&upstream_with("retry = { on = [\"5xx\"] }"));
+    assert_eq!(error.path, "upstream[0].retry.on[0]");
+    let error = one_error(&upstream_with("retry = { attempts = 0 }"));
+    assert_eq!(error.path, "upstream[0].retry.attempts");
 }

@@ -23,9 +23,9 @@ use super::schema::{
 use super::{
     AdminConfig, BackendConfig, BalancerKind, Cidr, CircuitBreakerConfig, Config, ConfigSource,
     HashKey, HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig, ListenerProtocol,
-    ListenerTimeouts, LogConfig, LogFormat, PoolConfig, ProxyProtocolVersion, RouteConfig,
-    RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig, UpstreamProtocol, UpstreamTimeouts,
-    DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
+    ListenerTimeouts, LogConfig, LogFormat, PoolConfig, ProxyProtocolVersion, RetryConfig,
+    RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig, UpstreamProtocol,
+    UpstreamTimeouts, DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
 };
 
 const ROOT_KEYS: &[&str] = &[
@@ -63,6 +63,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "send_proxy_protocol",
     "health_check",
     "circuit_breaker",
+    "retry",
     "backends",
     "protocol",
     "max_in_flight",
@@ -91,7 +92,8 @@ const HEALTH_KEYS: &[&str] = &[
     "unhealthy_threshold",
     "expect_status",
 ];
-const UPSTREAM_UNSUPPORTED: &[&str] = &["discovery", "retry", "tls"];
+const UPSTREAM_UNSUPPORTED: &[&str] = &["discovery", "tls"];
+const RETRY_KEYS: &[&str] = &["attempts", "on", "backoff_base", "backoff_max", "budget"];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
 const POOL_KEYS: &[&str] = &["max_idle_per_backend", "idle_timeout"];
 const UPSTREAM_TIMEOUT_KEYS: &[&str] = &["connect", "request", "per_try"];
@@ -113,6 +115,7 @@ pub(super) const ACCEPTED_KEYS: &[&[&str]] = &[
     HASH_KEYS,
     HEALTH_KEYS,
     BREAKER_KEYS,
+    RETRY_KEYS,
     BACKEND_KEYS,
     POOL_KEYS,
     UPSTREAM_TIMEOUT_KEYS,
@@ -721,6 +724,65 @@ fn health_check(t: &TableReader<'_, '_>, problems: &mut Problems) -> HealthCheck
     }
 }
 
+/// `retry = { attempts, on, backoff_base, backoff_max, budget }`; absent
+/// means 3 attempts on connect failures only, with a 0.2 budget.
+fn retry(t: &TableReader<'_, '_>, problems: &mut Problems) -> RetryConfig {
+    use crate::resilience::retry::{RetryConditions, RetryOn};
+    t.reject_unknown_keys(problems, RETRY_KEYS, &[]);
+    let mut on = RetryConditions::default();
+    match t.array(problems, "on") {
+        None => on = on.with(RetryOn::ConnectFailure),
+        Some(items) => {
+            let path = t.key_path("on");
+            for (i, item) in items.iter().enumerate() {
+                let item_path = join_index(&path, i);
+                let Some(name) = expect_str(problems, item, &item_path) else {
+                    continue;
+                };
+                match RetryOn::ALL.iter().find(|(_, n)| *n == name) {
+                    Some((c, _)) => on = on.with(*c),
+                    None => problems.push(
+                        item.span(),
+                        &item_path,
+                        format!(
+                            "unknown retry condition {name:?} (allowed: connect-failure, reset, timeout, 502, 503, 504)"
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    let budget = match t.float(problems, "budget") {
+        None => 0.2,
+        Some(b) if (0.0..=10.0).contains(b.get_ref()) => *b.get_ref(),
+        Some(b) => {
+            problems.push(
+                b.span(),
+                &t.key_path("budget"),
+                format!("must be between 0 and 10, found {}", b.get_ref()),
+            );
+            0.2
+        }
+    };
+    let backoff_base = positive_duration(t, problems, "backoff_base", Duration::from_millis(25));
+    let backoff_max = positive_duration(t, problems, "backoff_max", Duration::from_millis(250));
+    if backoff_max < backoff_base {
+        let span = t.key_span("backoff_max").unwrap_or_else(|| t.span());
+        problems.push(
+            span,
+            &t.key_path("backoff_max"),
+            "must not be shorter than backoff_base",
+        );
+    }
+    RetryConfig {
+        attempts: to_u32(int_in(t, problems, "attempts", 1..=10, 3)),
+        on,
+        backoff_base,
+        backoff_max,
+        budget,
+    }
+}
+
 /// `circuit_breaker = { consecutive_failures, failure_rate, ... }`.
 fn circuit_breaker(t: &TableReader<'_, '_>, problems: &mut Problems) -> CircuitBreakerConfig {
     t.reject_unknown_keys(problems, BREAKER_KEYS, &[]);
@@ -833,6 +895,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
     let circuit_breaker = t
         .table(problems, "circuit_breaker")
         .map(|c| circuit_breaker(&c, problems));
+    let retry = retry(&t.section(problems, "retry"), problems);
     if !duration(t, problems, "slow_start", Duration::ZERO).is_zero() {
         let span = t
             .get("slow_start")
@@ -886,6 +949,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         max_in_flight_per_backend,
         health_check,
         circuit_breaker,
+        retry,
         pool,
         timeouts,
     })

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::admin::metrics::Outcome;
+use crate::resilience::retry::RetryOn;
 
 /// A boxed error from a body or a transport.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -81,6 +82,22 @@ impl ProxyError {
             ProxyError::BadResponse { .. } => "bad-response",
             ProxyError::UpgradeFailed { .. } => "upgrade-failed",
             ProxyError::BadRequest { .. } => "bad-request",
+        }
+    }
+
+    /// The retry condition this failure stands for, if any.
+    pub fn retry_condition(&self) -> Option<RetryOn> {
+        match self {
+            ProxyError::NoRoute => None,
+            ProxyError::Overloaded { .. } => None,
+            ProxyError::NoHealthyBackend { .. } => None,
+            ProxyError::ConnectTimeout { .. } => Some(RetryOn::ConnectFailure),
+            ProxyError::Connect { .. } => Some(RetryOn::ConnectFailure),
+            ProxyError::Timeout { .. } => Some(RetryOn::Timeout),
+            ProxyError::Reset { .. } => Some(RetryOn::Reset),
+            ProxyError::BadResponse { .. } => Some(RetryOn::Reset),
+            ProxyError::UpgradeFailed { .. } => None,
+            ProxyError::BadRequest { .. } => None,
         }
     }
 

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
@@ -23,6 +24,7 @@ use crate::proxy::body::{AccessLog, Exchange, ProxyBody, RequestBody};
 use crate::proxy::error::ProxyError;
 use crate::proxy::h1;
 use crate::proxy::route::request_host;
+use crate::resilience::retry::{self, RetryOn};
 use crate::state::{ListenerRuntime, Shared};
 use crate::upstream::backend::BackendState;
 
@@ -81,49 +83,124 @@ pub async fn handle(
     exchange.permit = Some(permit);
 
     let key = request_hash(&upstream.config, &parts, conn.peer.ip());
-    let mut tried = Vec::new();
-    let Some(mut guard) = upstream.start_call(key, &mut tried) else {
-        upstream.shed.no_healthy_backend.inc();
-        let err = ProxyError::NoHealthyBackend {
-            upstream: upstream.name.to_string(),
-        };
-        return error_response(&err, Some(exchange));
-    };
-
-    let backend = Arc::clone(guard.backend());
     let upgrade = is_upgrade(&parts);
     if let Err(err) = rewrite_request(
         &mut parts,
         conn,
         listener,
-        &backend,
         upstream.client.protocol(),
         upgrade,
     ) {
-        // Nothing was sent: the backend's counters are not touched.
-        guard.abandon();
         return error_response(&err, Some(exchange));
     }
-    let request = Request::from_parts(parts, body);
+
+    // Only a request that can be sent again unchanged is retried: an
+    // idempotent one with no body (a streamed body cannot be replayed).
+    let policy = &upstream.config.retry;
+    upstream.budget.deposit();
+    let retryable =
+        policy.attempts > 1 && !upgrade && body.is_end_stream() && is_idempotent(&parts);
+    let template = retryable.then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        )
+    });
     let timeouts = &upstream.config.timeouts;
-    let limit = timeouts.per_try.min(timeouts.request);
-    let sent = tokio::time::timeout(limit, upstream.client.send(backend.addr, request)).await;
-    let result = match sent {
-        Ok(result) => result,
-        Err(_) => Err(ProxyError::Timeout {
-            addr: backend.addr,
-            after: limit,
-        }),
-    };
-    let mut response = match result {
-        Ok(response) => response,
-        Err(err) => {
-            if let Some(outcome) = err.outcome() {
-                guard.set_outcome(outcome);
+    let deadline = Instant::now() + timeouts.request;
+    let mut first = Some((parts, body));
+    let mut tried = Vec::new();
+    let mut attempt = 1;
+    let (mut guard, backend, mut response) = loop {
+        let started_call = upstream.start_call(key, &mut tried).or_else(|| {
+            // A retry goes to another backend when there is one, else
+            // to one already tried.
+            if attempt > 1 {
+                tried.clear();
+                upstream.start_call(key, &mut tried)
+            } else {
+                None
             }
-            tracing::debug!(upstream = &*upstream.name, backend = &*backend.key.address, error = %err, "backend call failed");
-            exchange.guard = Some(guard);
+        });
+        let Some(mut guard) = started_call else {
+            upstream.shed.no_healthy_backend.inc();
+            let err = ProxyError::NoHealthyBackend {
+                upstream: upstream.name.to_string(),
+            };
             return error_response(&err, Some(exchange));
+        };
+        let backend = Arc::clone(guard.backend());
+        let (mut parts, body) = match first.take() {
+            Some(pair) => pair,
+            None => {
+                let Some((method, uri, version, headers)) = template.clone() else {
+                    guard.abandon();
+                    return error_response(
+                        &ProxyError::BadRequest { what: "retry" },
+                        Some(exchange),
+                    );
+                };
+                let mut parts = Request::new(()).into_parts().0;
+                parts.method = method;
+                parts.uri = uri;
+                parts.version = version;
+                parts.headers = headers;
+                (parts, RequestBody::Empty)
+            }
+        };
+        parts.uri = match target(&parts.uri, &backend) {
+            Ok(uri) => uri,
+            Err(err) => {
+                guard.abandon();
+                return error_response(&err, Some(exchange));
+            }
+        };
+        let request = Request::from_parts(parts, body);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = timeouts.per_try.min(left);
+        let sent = tokio::time::timeout(limit, upstream.client.send(backend.addr, request)).await;
+        let result = match sent {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::Timeout {
+                addr: backend.addr,
+                after: limit,
+            }),
+        };
+        let condition = match &result {
+            Ok(response) => RetryOn::from_status(response.status().as_u16()),
+            Err(err) => err.retry_condition(),
+        };
+        let retry = retryable
+            && attempt < policy.attempts
+            && condition.is_some_and(|c| policy.on.contains(c))
+            && upstream.budget.try_withdraw();
+        match (result, retry, condition) {
+            (result, true, Some(condition)) => {
+                guard.set_outcome(match &result {
+                    Ok(_) => Outcome::Http5xx,
+                    Err(err) => err.outcome().unwrap_or(Outcome::Reset),
+                });
+                drop(result);
+                drop(guard);
+                upstream.retries(condition).inc();
+                tried.push(backend);
+                let unit = fastrand::f64();
+                let wait = retry::backoff(policy.backoff_base, policy.backoff_max, attempt, unit);
+                tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
+                attempt += 1;
+            }
+            (Ok(response), _, _) => break (guard, backend, response),
+            (Err(err), _, _) => {
+                if let Some(outcome) = err.outcome() {
+                    guard.set_outcome(outcome);
+                }
+                tracing::debug!(upstream = &*upstream.name, backend = &*backend.key.address, error = %err, "backend call failed");
+                exchange.guard = Some(guard);
+                return error_response(&err, Some(exchange));
+            }
         }
     };
 
@@ -279,7 +356,6 @@ fn rewrite_request(
     parts: &mut Parts,
     conn: &ConnInfo,
     listener: &ListenerRuntime,
-    backend: &BackendState,
     protocol: UpstreamProtocol,
     upgrade: bool,
 ) -> Result<(), ProxyError> {
@@ -333,20 +409,33 @@ fn rewrite_request(
         }
     }
 
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = Uri::builder()
+    parts.version = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2 => Version::HTTP_2,
+    };
+    Ok(())
+}
+
+/// Points the request at `backend`: an absolute URI with its address.
+fn target(uri: &Uri, backend: &BackendState) -> Result<Uri, ProxyError> {
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    Uri::builder()
         .scheme("http")
         .authority(backend.authority.clone())
         .path_and_query(path)
         .build()
         .map_err(|_| ProxyError::BadRequest {
             what: "invalid request target",
-        })?;
-    parts.version = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2 => Version::HTTP_2,
-    };
-    Ok(())
+        })
+}
+
+/// Whether a request may be sent twice (RFC 9110 §9.2.2, or the client
+/// said so with `Idempotency-Key`).
+fn is_idempotent(parts: &Parts) -> bool {
+    matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || parts.headers.contains_key("idempotency-key")
 }
 
 /// All values of a header joined with ", ", or `None` if absent.

@@ -12,8 +12,10 @@ use crate::admin::metrics::{Metrics, ShedMetrics};
 use crate::balance::{self, Balancer};
 use crate::config::UpstreamConfig;
 use crate::resilience::limit::InFlightLimit;
+use crate::resilience::retry::{RetryBudget, RetryOn};
 use backend::{BackendKey, BackendState, RequestGuard};
 use client::UpstreamClient;
+use prometheus::IntCounter;
 use registry::Registry;
 
 /// One upstream of one snapshot.
@@ -24,6 +26,9 @@ pub struct Upstream {
     pub backends: Vec<Arc<BackendState>>,
     balancer: Box<dyn Balancer>,
     pub limit: InFlightLimit,
+    /// Caps the retries this upstream adds.
+    pub budget: RetryBudget,
+    retries: [IntCounter; 6],
     pub client: UpstreamClient,
     pub shed: ShedMetrics,
 }
@@ -58,6 +63,8 @@ impl Upstream {
         Upstream {
             balancer,
             limit,
+            budget: RetryBudget::new(config.retry.budget),
+            retries: RetryOn::ALL.map(|(_, reason)| metrics.retry(&config.name, reason)),
             client: UpstreamClient::new(config.protocol, &config.pool, config.timeouts.connect),
             shed: metrics.shed(&config.name),
             backends,
@@ -83,6 +90,15 @@ impl Upstream {
             |b: &BackendState| self.admits(b) && !tried.iter().any(|t| std::ptr::eq(&**t, b));
         let i = self.balancer.pick(&self.backends, key, &eligible)?;
         self.backends.get(i)
+    }
+
+    /// The `sluice_retries_total` counter for `condition`.
+    pub fn retries(&self, condition: RetryOn) -> &IntCounter {
+        let i = RetryOn::ALL
+            .iter()
+            .position(|(c, _)| *c == condition)
+            .unwrap_or(0);
+        &self.retries[i]
     }
 
     /// Picks an eligible backend not in `tried` and starts a call on it,
