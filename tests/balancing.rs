@@ -13,15 +13,7 @@ use sluice::balance::{hash_key, Balancer, ConsistentHash};
 use support::*;
 
 fn config(backends: &[&Backend], upstream_extra: &str) -> String {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{}\"", b.addr))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
-         [[upstream]]\nname = \"app\"\nbackends = [{list}]\nmax_in_flight = 0\n{upstream_extra}\n"
-    )
+    simple_config(backends, &format!("max_in_flight = 0\n{upstream_extra}"))
 }
 
 async fn get_with(addr: std::net::SocketAddr, header: (&str, &str)) -> Answer {
