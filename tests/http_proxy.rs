@@ -1021,3 +1021,37 @@ async fn the_retry_budget_caps_amplification_when_every_backend_fails() {
     assert!(hits <= cap, "{hits} backend hits for {requests} requests");
     assert!(hits > requests, "some retries happened");
 }
+
+#[tokio::test]
+async fn with_every_backend_down_the_answer_is_an_immediate_503() {
+    let dead: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        })
+        .collect();
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{}\", \"{}\"]\n\
+         health_check = {{ kind = \"tcp\", interval = \"50ms\", unhealthy_threshold = 1 }}\n",
+        dead[0], dead[1]
+    );
+    let proxy = start_proxy(&cfg).await;
+    for addr in &dead {
+        wait_backend_up(&proxy, *addr, 0.0).await;
+    }
+    let started = std::time::Instant::now();
+    let answer = get(proxy.listener_addr("web").expect("bound"), "/").await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.headers["sluice-error"], "no-healthy-backend");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = admin_get(&proxy, "/metrics").await.body;
+    assert!(
+        m.contains("sluice_load_shed_total{reason=\"no_healthy_backend\",upstream=\"app\"} 1"),
+        "{m}"
+    );
+}
