@@ -1055,3 +1055,33 @@ async fn with_every_backend_down_the_answer_is_an_immediate_503() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn a_backend_back_from_down_ramps_up_under_slow_start() {
+    let steady = Backend::start("steady").await;
+    let returning = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{returning}\", \"{}\"]\nslow_start = \"20s\"\n\
+         health_check = {{ kind = \"tcp\", interval = \"50ms\", healthy_threshold = 1, unhealthy_threshold = 1 }}\n",
+        steady.addr
+    );
+    let proxy = start_proxy(&cfg).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    wait_backend_up(&proxy, returning, 0.0).await;
+    let back = Backend::start_at("returning", returning).await;
+    wait_backend_up(&proxy, returning, 1.0).await;
+    let mut bodies = Vec::new();
+    for _ in 0..100 {
+        bodies.push(get(addr, "/").await.body);
+    }
+    // Round robin alone would send it 50; seconds into a 20 s ramp it
+    // gets a few percent.
+    let share = tally(&bodies).get("returning").copied().unwrap_or(0);
+    eprintln!("share of a backend 0-1 s into a 20 s slow start: {share}/100");
+    assert!(share < 20, "{share} of 100 requests");
+    drop(back);
+}

@@ -288,6 +288,9 @@ pub struct UpstreamConfig {
     pub hash_key: HashKey,
     /// Retries of idempotent requests.
     pub retry: RetryConfig,
+    /// A backend that comes back up takes a share of traffic growing
+    /// linearly from nothing to its full weight over this long (0 = off).
+    pub slow_start: Duration,
     /// Passive circuit breaking per backend; `None` = off.
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     /// Active health checks; `None` = every backend counts as up.

@@ -642,7 +642,6 @@ fn each_unsupported_key_is_rejected_as_not_supported_yet() {
     let upstream_cases = [
         ("discovery = { dns = \"app:80\" }", "upstream[0].discovery"),
         ("tls = { verify = true }", "upstream[0].tls"),
-        ("slow_start = \"30s\"", "upstream[0].slow_start"),
         ("protocol = \"auto\"", "upstream[0].protocol"),
     ];
     let cases = listener_cases

@@ -896,17 +896,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         .table(problems, "circuit_breaker")
         .map(|c| circuit_breaker(&c, problems));
     let retry = retry(&t.section(problems, "retry"), problems);
-    if !duration(t, problems, "slow_start", Duration::ZERO).is_zero() {
-        let span = t
-            .get("slow_start")
-            .map(|v| v.span())
-            .unwrap_or_else(|| t.span());
-        problems.push(
-            span,
-            &t.key_path("slow_start"),
-            "slow start is not supported yet (allowed: \"0s\")",
-        );
-    }
+    let slow_start = duration(t, problems, "slow_start", Duration::ZERO);
 
     let pool_table = t.section(problems, "pool");
     pool_table.reject_unknown_keys(problems, POOL_KEYS, &[]);
@@ -950,6 +940,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         health_check,
         circuit_breaker,
         retry,
+        slow_start,
         pool,
         timeouts,
     })

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -39,6 +40,10 @@ pub struct BackendState {
     in_flight: AtomicUsize,
     /// Health checks' verdict; true when unchecked.
     healthy: AtomicBool,
+    /// When health checks last brought it up, in ms since `created`
+    /// (`u64::MAX`: never, so no slow start applies).
+    up_since_ms: AtomicU64,
+    created: Instant,
     /// The circuit breaker, when the upstream configures one.
     breaker: ArcSwapOption<Breaker>,
     requests: AtomicU64,
@@ -57,6 +62,8 @@ impl BackendState {
             authority,
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
+            up_since_ms: AtomicU64::new(u64::MAX),
+            created: Instant::now(),
             breaker: ArcSwapOption::empty(),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -109,8 +116,26 @@ impl BackendState {
 
     /// Sets the health checks' verdict.
     pub fn set_healthy(&self, up: bool) {
-        self.healthy.store(up, Ordering::Release);
+        let was = self.healthy.swap(up, Ordering::AcqRel);
+        if up && !was {
+            let ms = self.created.elapsed().as_millis() as u64;
+            self.up_since_ms.store(ms, Ordering::Release);
+        }
         self.metrics.up.set(i64::from(up));
+    }
+
+    /// How far through a slow start of length `period` it is, from 0 to 1
+    /// (1 when it has not come back up recently, or `period` is zero).
+    pub fn warmth(&self, period: Duration) -> f64 {
+        let since = self.up_since_ms.load(Ordering::Acquire);
+        if period.is_zero() || since == u64::MAX {
+            return 1.0;
+        }
+        let up_for = self
+            .created
+            .elapsed()
+            .saturating_sub(Duration::from_millis(since));
+        (up_for.as_secs_f64() / period.as_secs_f64()).min(1.0)
     }
 
     /// Counts one health check.
@@ -292,6 +317,25 @@ mod tests {
             peak.load(Ordering::Relaxed)
         );
         assert_eq!(b.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warmth_ramps_linearly_after_coming_back_up() {
+        let b = backend();
+        let period = Duration::from_secs(10);
+        assert_eq!(b.warmth(period), 1.0, "never down: fully warm");
+        b.set_healthy(false);
+        b.set_healthy(true);
+        assert!(b.warmth(period) < 0.01);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            (b.warmth(period) - 0.5).abs() < 0.01,
+            "{}",
+            b.warmth(period)
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(b.warmth(period), 1.0);
+        assert_eq!(b.warmth(Duration::ZERO), 1.0);
     }
 
     #[test]

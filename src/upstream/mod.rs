@@ -86,9 +86,24 @@ impl Upstream {
         key: Option<u64>,
         tried: &[Arc<BackendState>],
     ) -> Option<&Arc<BackendState>> {
-        let eligible =
-            |b: &BackendState| self.admits(b) && !tried.iter().any(|t| std::ptr::eq(&**t, b));
-        let i = self.balancer.pick(&self.backends, key, &eligible)?;
+        let untried = |b: &BackendState| !tried.iter().any(|t| std::ptr::eq(&**t, b));
+        let slow_start = self.config.slow_start;
+        // A warming backend is skipped with probability 1 - warmth, which
+        // scales its share of picks like its weight; if that leaves nothing,
+        // it is better used than not.
+        let warm = |b: &BackendState| {
+            let warmth = b.warmth(slow_start);
+            warmth >= 1.0 || fastrand::f64() < warmth
+        };
+        let i = self
+            .balancer
+            .pick(&self.backends, key, &|b| {
+                self.admits(b) && untried(b) && warm(b)
+            })
+            .or_else(|| {
+                self.balancer
+                    .pick(&self.backends, key, &|b| self.admits(b) && untried(b))
+            })?;
         self.backends.get(i)
     }
 
