@@ -418,3 +418,32 @@ fn access_log_has_one_line_per_tcp_session_and_per_http_request() {
     assert_eq!(request["upstream"], "app");
     assert_eq!(request["backend"], http_backend.addr.to_string());
 }
+
+#[test]
+fn overload_sheds_thousands_of_excess_requests_with_bounded_memory() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.block_on(Backend::start_slow("slow", Duration::from_millis(500)));
+    let proc = Proc::start(&simple_config(&[&slow], "max_in_flight = 10"));
+    let addr = proc.addr("web");
+    let (shed, ok) = rt.block_on(async {
+        let tasks: Vec<_> = (0..2000)
+            .map(|_| tokio::spawn(async move { get(addr, "/").await.status.as_u16() }))
+            .collect();
+        let (mut shed, mut ok) = (0, 0);
+        for t in tasks {
+            match t.await.expect("task") {
+                503 => shed += 1,
+                200 => ok += 1,
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        (shed, ok)
+    });
+    let peak = proc.peak_rss_kib();
+    eprintln!(
+        "overload: 2000 concurrent requests, {ok} served, {shed} shed; proxy peak RSS {peak} KiB"
+    );
+    assert!(shed >= 1000, "most of the excess is shed: {shed}");
+    assert!(ok >= 10);
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
+}

@@ -45,11 +45,13 @@ pub struct Backend {
     /// Notified each time a request arrives.
     pub arrived: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
+    /// Cancelled to kill the backend: every connection closes at once.
+    killed: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -68,7 +70,18 @@ impl Backend {
 
     /// A backend on a given address (one that was free a moment ago).
     pub async fn start_at(name: &str, addr: SocketAddr) -> Backend {
-        let socket = TcpListener::bind(addr).await.expect("bind backend address");
+        // A killed backend's socket closes as its task is dropped: retry
+        // briefly until the address is free again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let socket = loop {
+            match TcpListener::bind(addr).await {
+                Ok(socket) => break socket,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "bind {addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
         Backend::serve(name, Duration::ZERO, socket)
     }
 
@@ -80,8 +93,10 @@ impl Backend {
         let closed = Arc::new(AtomicUsize::new(0));
         let forced_status = Arc::new(std::sync::atomic::AtomicU16::new(0));
         let name_arc: Arc<str> = Arc::from(name);
+        let killed = tokio_util::sync::CancellationToken::new();
         let task = {
             let forced = Arc::clone(&forced_status);
+            let killed = killed.clone();
             let hits = Arc::clone(&hits);
             let arrived = Arc::clone(&arrived);
             let conns = Arc::clone(&conns);
@@ -97,6 +112,7 @@ impl Backend {
                     let arrived = Arc::clone(&arrived);
                     let name = Arc::clone(&name_arc);
                     let forced = Arc::clone(&forced);
+                    let killed = killed.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             hits.fetch_add(1, Ordering::SeqCst);
@@ -116,9 +132,13 @@ impl Backend {
                                 Ok::<_, Infallible>(answer(&name, req).await)
                             }
                         });
-                        let _ = auto::Builder::new(TokioExecutor::new())
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .await;
+                        let builder = auto::Builder::new(TokioExecutor::new());
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = killed.cancelled() => {}
+                        }
                         closed.fetch_add(1, Ordering::SeqCst);
                     });
                 }
@@ -133,7 +153,15 @@ impl Backend {
             forced_status,
             arrived,
             task,
+            killed,
         }
+    }
+
+    /// Kills the backend: it stops accepting and every open connection
+    /// closes at once, as when its process dies.
+    pub fn kill(&self) {
+        self.task.abort();
+        self.killed.cancel();
     }
 
     /// Answers every request with `status` (0: back to normal).
