@@ -11,30 +11,6 @@ use std::time::{Duration, Instant};
 use http::Request;
 use support::*;
 
-/// The value of one metric line.
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Polls until `sluice_backend_up` of `backend` is `want`; returns when.
-async fn wait_up(proxy: &sluice::runtime::Running, backend: SocketAddr, want: f64) -> Instant {
-    let prefix = format!("sluice_backend_up{{backend=\"{backend}\",upstream=\"app\"}} ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = admin_get(proxy, "/metrics").await.body;
-        if metric(&m, &prefix) == Some(want) {
-            return Instant::now();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{backend} never reached up={want}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// `workers` clients sending GETs until `stop`; returns (ok, failed).
 fn steady_load(
     addr: SocketAddr,
@@ -84,13 +60,13 @@ async fn a_backend_killed_under_load_costs_no_client_error_and_rejoins() {
 
     let killed_at = Instant::now();
     backends[2].kill();
-    let down_at = wait_up(&proxy, victim_addr, 0.0).await;
+    let down_at = wait_backend_up(&proxy, victim_addr, 0.0).await;
     let hits_when_down = backends[2].hits();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let restarted = Backend::start_at("c2", victim_addr).await;
     let restarted_at = Instant::now();
-    let up_at = wait_up(&proxy, victim_addr, 1.0).await;
+    let up_at = wait_backend_up(&proxy, victim_addr, 1.0).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failed) = (0, 0);

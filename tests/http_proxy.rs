@@ -367,10 +367,7 @@ async fn upstream_request_timeout_answers_504() {
 
 #[tokio::test]
 async fn refused_connection_answers_502_connect_failure() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let dead = free_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{dead}\"]\n"
@@ -789,40 +786,10 @@ async fn a_full_backend_bulkhead_makes_it_ineligible_until_it_has_room() {
     assert_eq!(tally(&bodies).len(), 2, "{bodies:?}");
 }
 
-/// The value of one metric line, or `None` when absent.
-fn metric(text: &str, line_prefix: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-async fn wait_backend_up(
-    proxy: &sluice::runtime::Running,
-    backend: std::net::SocketAddr,
-    want: f64,
-) {
-    let prefix = format!("sluice_backend_up{{backend=\"{backend}\",upstream=\"app\"}} ");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = admin_get(proxy, "/metrics").await.body;
-        if metric(&m, &prefix) == Some(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{backend} never reached up={want}:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     let live = Backend::start("live").await;
-    let dead_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let dead_addr = free_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{dead_addr}\", \"{}\"]\n\
@@ -862,10 +829,7 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
 #[tokio::test]
 async fn tcp_health_checks_mark_a_refusing_backend_down() {
     let live = Backend::start("live").await;
-    let dead_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let dead_addr = free_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{dead_addr}\", \"{}\"]\n\
@@ -938,10 +902,7 @@ fn retry_config(backends: &[&Backend], retry: &str) -> String {
 
 #[tokio::test]
 async fn idempotent_requests_are_retried_on_another_backend() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let dead = free_addr();
     let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
     bad.force_status(503);
     // The default policy retries connect failures; this one 503s too.
@@ -1024,12 +985,7 @@ async fn the_retry_budget_caps_amplification_when_every_backend_fails() {
 
 #[tokio::test]
 async fn with_every_backend_down_the_answer_is_an_immediate_503() {
-    let dead: Vec<std::net::SocketAddr> = (0..2)
-        .map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr")
-        })
-        .collect();
+    let dead: Vec<std::net::SocketAddr> = (0..2).map(|_| free_addr()).collect();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{}\", \"{}\"]\n\
@@ -1059,10 +1015,7 @@ async fn with_every_backend_down_the_answer_is_an_immediate_503() {
 #[tokio::test]
 async fn a_backend_back_from_down_ramps_up_under_slow_start() {
     let steady = Backend::start("steady").await;
-    let returning = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let returning = free_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{returning}\", \"{}\"]\nslow_start = \"20s\"\n\

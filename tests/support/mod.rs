@@ -452,3 +452,39 @@ pub async fn spawn_tcp_echo() -> SocketAddr {
     });
     addr
 }
+
+/// An address on loopback that nothing listens on (bound, then released):
+/// connects to it are refused.
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// The value of the metric line starting with `prefix`, or `None`.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Polls until `sluice_backend_up` of `backend` in upstream `app` is
+/// `want`, and returns when it was seen.
+pub async fn wait_backend_up(
+    proxy: &Running,
+    backend: SocketAddr,
+    want: f64,
+) -> std::time::Instant {
+    let prefix = format!("sluice_backend_up{{backend=\"{backend}\",upstream=\"app\"}} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = admin_get(proxy, "/metrics").await.body;
+        if metric(&m, &prefix) == Some(want) {
+            return std::time::Instant::now();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{backend} never reached up={want}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
