@@ -67,15 +67,38 @@ pub struct ListenerControl {
     pub tracker: TaskTracker,
 }
 
+/// What every connection of one listener shares, behind one `Arc` so a
+/// connection's task carries a single pointer to it.
+struct ListenerCtx {
+    shared: Arc<Shared>,
+    index: usize,
+    name: Arc<str>,
+    protocol: ListenerProtocol,
+    proxy_protocol: bool,
+    settings: h1::H1Settings,
+    metrics: ListenerMetrics,
+    /// Connections open now, against `max_connections`.
+    active: AtomicUsize,
+    close: CancellationToken,
+}
+
 /// Accepts until `control.stop_accepting` is cancelled.
 pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: ListenerControl) {
-    let metrics = Arc::new(shared.metrics.listener(&listener.name));
-    let active = Arc::new(AtomicUsize::new(0));
     let max = listener.config.max_connections;
-    let settings = Arc::new(h1::H1Settings {
-        header_timeout: listener.config.timeouts.client_header,
-        idle_timeout: listener.config.timeouts.idle,
-        ..h1::H1Settings::default()
+    let ctx = Arc::new(ListenerCtx {
+        metrics: shared.metrics.listener(&listener.name),
+        shared,
+        index: listener.index,
+        name: Arc::clone(&listener.name),
+        protocol: listener.config.protocol,
+        proxy_protocol: listener.config.proxy_protocol,
+        settings: h1::H1Settings {
+            header_timeout: listener.config.timeouts.client_header,
+            idle_timeout: listener.config.timeouts.idle,
+            ..h1::H1Settings::default()
+        },
+        active: AtomicUsize::new(0),
+        close: control.close_connections.clone(),
     });
     loop {
         let accepted = tokio::select! {
@@ -91,57 +114,61 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
                 continue;
             }
         };
-        if active.load(Ordering::Relaxed) >= max {
-            metrics.rejected.inc();
+        if ctx.active.load(Ordering::Relaxed) >= max {
+            ctx.metrics.rejected.inc();
             drop(stream);
             continue;
         }
-        let slot = ConnSlot::new(Arc::clone(&active), Arc::clone(&metrics));
+        let slot = ConnSlot::new(Arc::clone(&ctx));
         let _ = stream.set_nodelay(true);
-        let shared = Arc::clone(&shared);
-        let settings = Arc::clone(&settings);
-        let close = control.close_connections.clone();
         let span = tracing::debug_span!("conn", listener = &*listener.name, peer = %peer);
-        let protocol = listener.config.protocol;
-        let proxy_protocol = listener.config.proxy_protocol;
-        let metrics = Arc::clone(&metrics);
-        let (index, name) = (listener.index, Arc::clone(&listener.name));
-        control.tracker.spawn(
-            async move {
-                let _slot = slot;
-                let mut stream = stream;
-                let local = stream.local_addr().unwrap_or(peer);
-                let (peer, destination) = if proxy_protocol {
-                    match client_from_proxy_header(&mut stream, settings.header_timeout).await {
-                        Ok(Some(pair)) => pair,
-                        Ok(None) => (peer, local),
-                        Err(err) => {
-                            metrics.proxy_protocol_errors.inc();
-                            tracing::debug!(error = %err, "PROXY protocol header refused");
-                            return;
-                        }
-                    }
-                } else {
-                    (peer, local)
-                };
-                let info = Arc::new(ConnInfo {
-                    listener: index,
-                    listener_name: name,
-                    peer,
-                    destination,
-                    scheme: "http",
-                });
-                match protocol {
-                    ListenerProtocol::Http => {
-                        serve_http(shared, info, stream, &settings, close).await
-                    }
-                    // A TCP session runs to its end; shutdown waits for it
-                    // up to `shutdown.grace`.
-                    ListenerProtocol::Tcp => tcp::serve(shared, info, stream, metrics).await,
-                }
+        control
+            .tracker
+            .spawn(serve_conn(slot, stream, peer).instrument(span));
+    }
+}
+
+/// One accepted connection, from the PROXY header (if any) to its close.
+///
+/// This future is the connection's task, alive for as long as the
+/// connection is, so everything that is not needed while a keep-alive
+/// connection waits for its next request is boxed and freed when done: the
+/// PROXY header read, a TCP session, the HTTP/2 server and each HTTP/1
+/// request (inside the codec). What stays is small; a test bounds it.
+async fn serve_conn(slot: ConnSlot, mut stream: TcpStream, peer: SocketAddr) {
+    let ctx = &*slot.ctx;
+    let local = stream.local_addr().unwrap_or(peer);
+    let (peer, destination) = if ctx.proxy_protocol {
+        let header = Box::pin(client_from_proxy_header(
+            &mut stream,
+            ctx.settings.header_timeout,
+        ));
+        match header.await {
+            Ok(Some(pair)) => pair,
+            Ok(None) => (peer, local),
+            Err(err) => {
+                ctx.metrics.proxy_protocol_errors.inc();
+                tracing::debug!(error = %err, "PROXY protocol header refused");
+                return;
             }
-            .instrument(span),
-        );
+        }
+    } else {
+        (peer, local)
+    };
+    let info = ConnInfo {
+        listener: ctx.index,
+        listener_name: Arc::clone(&ctx.name),
+        peer,
+        destination,
+        scheme: "http",
+    };
+    match ctx.protocol {
+        ListenerProtocol::Http => serve_http(ctx, info, stream).await,
+        // A TCP session runs to its end; shutdown waits for it up to
+        // `shutdown.grace`.
+        ListenerProtocol::Tcp => {
+            Box::pin(tcp::serve(&ctx.shared, &info, stream, &ctx.metrics)).await
+        }
     }
 }
 
@@ -163,46 +190,48 @@ async fn client_from_proxy_header(
 
 /// Holds one of the listener's `max_connections` slots.
 struct ConnSlot {
-    active: Arc<AtomicUsize>,
-    metrics: Arc<ListenerMetrics>,
+    ctx: Arc<ListenerCtx>,
 }
 
 impl ConnSlot {
-    fn new(active: Arc<AtomicUsize>, metrics: Arc<ListenerMetrics>) -> Self {
-        active.fetch_add(1, Ordering::Relaxed);
-        metrics.accepted.inc();
-        metrics.active.inc();
-        ConnSlot { active, metrics }
+    fn new(ctx: Arc<ListenerCtx>) -> Self {
+        ctx.active.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.accepted.inc();
+        ctx.metrics.active.inc();
+        ConnSlot { ctx }
     }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.active.dec();
+        self.ctx.active.fetch_sub(1, Ordering::Relaxed);
+        self.ctx.metrics.active.dec();
     }
 }
 
 /// Serves one HTTP connection, HTTP/1.1 or h2c.
-async fn serve_http(
-    shared: Arc<Shared>,
-    info: Arc<ConnInfo>,
-    stream: TcpStream,
-    settings: &h1::H1Settings,
-    close: CancellationToken,
-) {
-    match sniff_h2(&stream, settings.idle_timeout).await {
+async fn serve_http(ctx: &ListenerCtx, info: ConnInfo, stream: TcpStream) {
+    let sniff = Box::pin(sniff_h2(&stream, ctx.settings.idle_timeout)).await;
+    match sniff {
         // Boxed: the HTTP/2 state is large, and most connections never need it.
-        Sniff::H2 => Box::pin(serve_h2(shared, info, stream, close)).await,
+        Sniff::H2 => {
+            Box::pin(serve_h2(
+                Arc::clone(&ctx.shared),
+                Arc::new(info),
+                stream,
+                ctx.close.clone(),
+            ))
+            .await
+        }
         Sniff::H1 => {
             // The codec boxes each request's state (this future included),
             // so an idle connection's task stays small.
-            let handler = |req: http::Request<h1::RequestBody>| {
-                let shared = Arc::clone(&shared);
-                let info = Arc::clone(&info);
-                async move { handle(&shared, &info, req.map(RequestBody::H1)).await }
+            let (shared, info) = (&ctx.shared, &info);
+            let handler = |req: http::Request<h1::RequestBody>| async move {
+                handle(shared, info, req.map(RequestBody::H1)).await
             };
-            if let Err(err) = h1::serve_connection(stream, settings, close, handler).await {
+            let close = ctx.close.clone();
+            if let Err(err) = h1::serve_connection(stream, &ctx.settings, close, handler).await {
                 tracing::debug!(error = %err, "connection ended with an error");
             }
         }
@@ -260,5 +289,25 @@ async fn serve_h2(
     }
     if let Err(err) = conn.await {
         tracing::debug!(error = %err, "h2 connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    /// Size of the future an async fn of three arguments returns.
+    fn output_size<A, B, C, F: Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Each open connection holds one of these futures for its whole life,
+    /// idle keep-alive time included, so its size is memory per connection.
+    #[test]
+    fn a_connection_task_stays_small() {
+        let size = output_size(serve_conn);
+        println!("connection future: {size} bytes");
+        assert!(size <= 1152, "connection future grew to {size} bytes");
     }
 }

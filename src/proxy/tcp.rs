@@ -51,12 +51,7 @@ impl CloseReason {
 }
 
 /// Serves one TCP session accepted on a `protocol = "tcp"` listener.
-pub async fn serve(
-    shared: Arc<Shared>,
-    info: Arc<ConnInfo>,
-    client: TcpStream,
-    metrics: Arc<ListenerMetrics>,
-) {
+pub async fn serve(shared: &Shared, info: &ConnInfo, client: TcpStream, metrics: &ListenerMetrics) {
     let started = Instant::now();
     let snapshot = shared.snapshot.load_full();
     let Some(listener) = snapshot.listener(info.listener, &info.listener_name) else {
@@ -117,7 +112,7 @@ pub async fn serve(
             return;
         }
     }
-    let session = pump(&client, &backend_stream, idle, &metrics).await;
+    let session = pump(&client, &backend_stream, idle, metrics).await;
     guard.set_outcome(match session.reason {
         CloseReason::BackendError => Outcome::Reset,
         _ => Outcome::Success,
