@@ -28,6 +28,7 @@ pub struct Metrics {
     upstream_in_flight: IntGaugeVec,
     load_shed: IntCounterVec,
     downstream_active: IntGaugeVec,
+    downstream_parked: IntGaugeVec,
     downstream_total: IntCounterVec,
     tcp_bytes: IntCounterVec,
     protocol_errors: IntCounterVec,
@@ -131,6 +132,8 @@ pub struct ShedMetrics {
 /// Handles for one listener's connections.
 pub struct ListenerMetrics {
     pub active: IntGauge,
+    /// Of `active`, the idle connections parked (see `proxy::park`).
+    pub parked: IntGauge,
     pub accepted: IntCounter,
     pub rejected: IntCounter,
     /// TCP listeners: bytes received from clients.
@@ -205,6 +208,11 @@ impl Metrics {
             downstream_active: gauge(
                 "sluice_downstream_connections_active",
                 "Client connections open",
+                &["listener"],
+            ),
+            downstream_parked: gauge(
+                "sluice_downstream_connections_parked",
+                "Idle HTTP/1 keep-alive client connections parked without a task or buffer",
                 &["listener"],
             ),
             downstream_total: counter(
@@ -350,6 +358,7 @@ impl Metrics {
     pub fn listener(&self, listener: &str) -> ListenerMetrics {
         ListenerMetrics {
             active: self.downstream_active.with_label_values(&[listener]),
+            parked: self.downstream_parked.with_label_values(&[listener]),
             accepted: self
                 .downstream_total
                 .with_label_values(&[listener, "accepted"]),

@@ -29,6 +29,7 @@ use crate::state::{ListenerRuntime, Shared};
 use crate::upstream::backend::BackendState;
 
 /// What a request knows about the connection it came on.
+#[derive(Clone)]
 pub struct ConnInfo {
     /// Index of the listener in the snapshot it was accepted under.
     pub listener: usize,

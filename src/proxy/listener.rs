@@ -24,6 +24,7 @@ use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::h1;
 use crate::proxy::http::{handle, ConnInfo};
+use crate::proxy::park::{self, Parking};
 use crate::proxy::peek::{self, Look};
 use crate::proxy::{proxy_protocol, tcp};
 use crate::state::Shared;
@@ -80,13 +81,32 @@ struct ListenerCtx {
     /// Connections open now, against `max_connections`.
     active: AtomicUsize,
     close: CancellationToken,
+    /// Idle HTTP/1 connections parked off the runtime; `None` if the epoll
+    /// set could not be made (connections then idle on their tasks).
+    parking: Option<Parking<Resume>>,
+    tracker: TaskTracker,
+}
+
+/// What a parked connection needs to resume: its slot and its client.
+struct Resume {
+    slot: ConnSlot,
+    peer: SocketAddr,
+    destination: SocketAddr,
 }
 
 /// Accepts until `control.stop_accepting` is cancelled.
 pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: ListenerControl) {
     let max = listener.config.max_connections;
+    let metrics = shared.metrics.listener(&listener.name);
+    let parking = match Parking::new(metrics.parked.clone()) {
+        Ok(p) => Some(p),
+        Err(err) => {
+            tracing::warn!(listener = &*listener.name, error = %err, "cannot park idle connections");
+            None
+        }
+    };
     let ctx = Arc::new(ListenerCtx {
-        metrics: shared.metrics.listener(&listener.name),
+        metrics,
         shared,
         index: listener.index,
         name: Arc::clone(&listener.name),
@@ -99,7 +119,12 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
         },
         active: AtomicUsize::new(0),
         close: control.close_connections.clone(),
+        parking,
+        tracker: control.tracker.clone(),
     });
+    if ctx.parking.is_some() {
+        control.tracker.spawn(watch_parked(Arc::clone(&ctx)));
+    }
     loop {
         let accepted = tokio::select! {
             _ = control.stop_accepting.cancelled() => break,
@@ -163,13 +188,73 @@ async fn serve_conn(slot: ConnSlot, mut stream: TcpStream, peer: SocketAddr) {
         scheme: "http",
     };
     match ctx.protocol {
-        ListenerProtocol::Http => serve_http(ctx, info, stream).await,
+        ListenerProtocol::Http => {
+            if let Some((socket, idle)) = serve_http(ctx, &info, stream).await {
+                park(slot, socket, idle, &info);
+            }
+        }
         // A TCP session runs to its end; shutdown waits for it up to
         // `shutdown.grace`.
         ListenerProtocol::Tcp => {
             Box::pin(tcp::serve(&ctx.shared, &info, stream, &ctx.metrics)).await
         }
     }
+}
+
+/// Serves a parked connection that turned readable, on a new task.
+async fn resume(resume: Resume, socket: std::net::TcpStream) {
+    let Resume {
+        slot,
+        peer,
+        destination,
+    } = resume;
+    let ctx = &*slot.ctx;
+    // Re-registering fails only when the reactor is gone: then close.
+    let Ok(stream) = TcpStream::from_std(socket) else {
+        return;
+    };
+    let info = ConnInfo {
+        listener: ctx.index,
+        listener_name: Arc::clone(&ctx.name),
+        peer,
+        destination,
+        scheme: "http",
+    };
+    if let Some((socket, idle)) = serve_h1(ctx, &info, stream).await {
+        park(slot, socket, idle, &info);
+    }
+}
+
+/// Hands a connection idle for `idle` to the listener's parking, with what
+/// is left of its idle timeout. If parking fails it is closed.
+fn park(slot: ConnSlot, socket: std::net::TcpStream, idle: Duration, info: &ConnInfo) {
+    let ctx = Arc::clone(&slot.ctx);
+    let Some(parking) = &ctx.parking else {
+        return;
+    };
+    let remaining = ctx.settings.idle_timeout.saturating_sub(idle);
+    let resume = Resume {
+        slot,
+        peer: info.peer,
+        destination: info.destination,
+    };
+    if let Err(err) = parking.park(socket, remaining, resume) {
+        tracing::debug!(error = %err, "cannot park an idle connection; closing it");
+    }
+}
+
+/// Runs the listener's parking until its connections are told to close,
+/// serving each parked connection that turns readable on a new task.
+async fn watch_parked(ctx: Arc<ListenerCtx>) {
+    let Some(parking) = &ctx.parking else {
+        return;
+    };
+    parking
+        .run(ctx.close.clone(), |socket, r: Resume| {
+            let span = tracing::debug_span!("conn", listener = &*ctx.name, peer = %r.peer);
+            ctx.tracker.spawn(resume(r, socket).instrument(span));
+        })
+        .await;
 }
 
 /// Reads the PROXY protocol header an outer load balancer sends first:
@@ -209,33 +294,52 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Serves one HTTP connection, HTTP/1.1 or h2c.
-async fn serve_http(ctx: &ListenerCtx, info: ConnInfo, stream: TcpStream) {
+/// Serves one HTTP connection, HTTP/1.1 or h2c. Returns the socket of an
+/// HTTP/1 connection that went idle, to be parked.
+async fn serve_http(
+    ctx: &ListenerCtx,
+    info: &ConnInfo,
+    stream: TcpStream,
+) -> Option<(std::net::TcpStream, Duration)> {
     let sniff = Box::pin(sniff_h2(&stream, ctx.settings.idle_timeout)).await;
     match sniff {
         // Boxed: the HTTP/2 state is large, and most connections never need it.
         Sniff::H2 => {
-            Box::pin(serve_h2(
-                Arc::clone(&ctx.shared),
-                Arc::new(info),
-                stream,
-                ctx.close.clone(),
-            ))
-            .await
+            let (shared, info) = (Arc::clone(&ctx.shared), Arc::new(info.clone()));
+            Box::pin(serve_h2(shared, info, stream, ctx.close.clone())).await;
+            None
         }
-        Sniff::H1 => {
-            // The codec boxes each request's state (this future included),
-            // so an idle connection's task stays small.
-            let (shared, info) = (&ctx.shared, &info);
-            let handler = |req: http::Request<h1::RequestBody>| async move {
-                handle(shared, info, req.map(RequestBody::H1)).await
-            };
-            let close = ctx.close.clone();
-            if let Err(err) = h1::serve_connection(stream, &ctx.settings, close, handler).await {
-                tracing::debug!(error = %err, "connection ended with an error");
-            }
+        Sniff::H1 => serve_h1(ctx, info, stream).await,
+        Sniff::Closed => None,
+    }
+}
+
+/// Serves HTTP/1 requests until the connection closes, or returns its
+/// socket and idle time once it has been idle long enough to park
+/// ([`park::park_after`]).
+async fn serve_h1(
+    ctx: &ListenerCtx,
+    info: &ConnInfo,
+    stream: TcpStream,
+) -> Option<(std::net::TcpStream, Duration)> {
+    // The codec boxes each request's state (this future included), so an
+    // idle connection's task stays small.
+    let shared = &ctx.shared;
+    let handler = |req: http::Request<h1::RequestBody>| async move {
+        handle(shared, info, req.map(RequestBody::H1)).await
+    };
+    let park_after = || {
+        let parked = ctx.parking.as_ref()?.parked();
+        Some(park::park_after(ctx.active.load(Ordering::Relaxed), parked))
+    };
+    let close = ctx.close.clone();
+    match h1::serve_connection_parkable(stream, &ctx.settings, close, handler, park_after).await {
+        Ok(h1::Ended::Parked { socket, idle }) => Some((socket, idle)),
+        Ok(h1::Ended::Closed) => None,
+        Err(err) => {
+            tracing::debug!(error = %err, "connection ended with an error");
+            None
         }
-        Sniff::Closed => {}
     }
 }
 

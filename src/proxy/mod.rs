@@ -7,6 +7,7 @@ pub mod error;
 pub mod h1;
 pub mod http;
 pub mod listener;
+pub mod park;
 pub mod peek;
 pub mod proxy_protocol;
 pub mod route;

@@ -36,6 +36,7 @@ mod write;
 #[cfg(test)]
 mod tests;
 
+use std::any::Any;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -98,7 +99,7 @@ impl Default for H1Settings {
 }
 
 /// A transport the codec can wait on without a buffer.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Any {
     /// Ready when a read would make progress (data, end of stream or an
     /// error). A wrapper that buffers (TLS) must report its buffered
     /// plaintext as ready. A spurious wake-up is harmless: the codec then
@@ -205,7 +206,7 @@ pub async fn serve_connection<T, H, Fut, B>(
     io: T,
     settings: &H1Settings,
     shutdown: CancellationToken,
-    mut handler: H,
+    handler: H,
 ) -> Result<(), ServeError>
 where
     T: Transport,
@@ -214,13 +215,61 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    serve_connection_parkable(io, settings, shutdown, handler, || None)
+        .await
+        .map(|_| ())
+}
+
+/// How [`serve_connection_parkable`] ended, other than by an error.
+#[derive(Debug)]
+pub enum Ended {
+    /// Closed by the client, the idle timeout or a shutdown.
+    Closed,
+    /// Idle between requests for as long as `park_after` said, with no
+    /// unread byte: the socket, deregistered from the reactor, for the
+    /// caller to park (see `proxy::park`), and how long it has been idle.
+    Parked {
+        socket: std::net::TcpStream,
+        idle: Duration,
+    },
+}
+
+/// [`serve_connection`], where a connection whose transport is a plain
+/// `TcpStream` and that waits for its next request for as long as
+/// `park_after` says (asked each time it goes idle; `None` never) is handed
+/// back as [`Ended::Parked`] instead of keeping its task.
+pub async fn serve_connection_parkable<T, H, Fut, B>(
+    io: T,
+    settings: &H1Settings,
+    shutdown: CancellationToken,
+    mut handler: H,
+    park_after: impl Fn() -> Option<Duration> + Sync,
+) -> Result<Ended, ServeError>
+where
+    T: Transport,
+    H: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let io: Box<dyn Transport> = Box::new(io);
+    let is_tcp = (&*io as &dyn Any).is::<TcpStream>();
+    let park_after = || park_after().filter(|p| is_tcp && *p < settings.idle_timeout);
     let conn: Shared = Arc::new(Mutex::new(conn::Conn::new(
-        Box::new(io),
+        io,
         settings.max_head_bytes,
         settings.max_headers,
     )));
     let mut wbuf = BytesMut::new();
-    let res = serve(&conn, &mut wbuf, settings, &shutdown, &mut handler).await;
+    let res = serve(
+        &conn,
+        &mut wbuf,
+        settings,
+        &shutdown,
+        &mut handler,
+        &park_after,
+    )
+    .await;
     give_buf(wbuf);
     // Take the transport out so it closes now, even if a RequestBody is still
     // held somewhere; that body then fails with `BodyError::Aborted`.
@@ -233,10 +282,21 @@ where
         give_buf(std::mem::take(&mut c.rbuf));
         (c.io.take(), unread)
     };
-    if let Some(io) = io {
-        close(io, unread).await;
+    let Some(io) = io else {
+        return res.map(|_| Ended::Closed);
+    };
+    if let Ok(Arrival::Park(idle)) = res {
+        if let Ok(tcp) = (io as Box<dyn Any>).downcast::<TcpStream>() {
+            // A socket that cannot be deregistered is closed instead.
+            return Ok(match (*tcp).into_std() {
+                Ok(socket) => Ended::Parked { socket, idle },
+                Err(_) => Ended::Closed,
+            });
+        }
+        return Ok(Ended::Closed);
     }
-    res
+    close(io, unread).await;
+    res.map(|_| Ended::Closed)
 }
 
 /// Closes the transport: our side first, then (when the client may still be
@@ -265,6 +325,8 @@ async fn close(mut io: Box<dyn Transport>, linger: bool) {
 enum Arrival {
     Data,
     Closed,
+    /// Idle for this long: `park_after`.
+    Park(Duration),
 }
 
 async fn serve<H, Fut, B>(
@@ -273,7 +335,8 @@ async fn serve<H, Fut, B>(
     settings: &H1Settings,
     shutdown: &CancellationToken,
     handler: &mut H,
-) -> Result<(), ServeError>
+    park_after: &(dyn Fn() -> Option<Duration> + Sync),
+) -> Result<Arrival, ServeError>
 where
     H: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
@@ -292,9 +355,10 @@ where
         };
         if !has_leftover {
             give_buf(std::mem::take(wbuf));
-            match wait_for_request(conn, settings, shutdown).await {
+            match wait_for_request(conn, settings, shutdown, park_after()).await {
                 Some(Ok(Arrival::Data)) => {}
-                Some(Ok(Arrival::Closed)) | None => return Ok(()),
+                Some(Ok(Arrival::Park(idle))) => return Ok(Arrival::Park(idle)),
+                Some(Ok(Arrival::Closed)) | None => return Ok(Arrival::Closed),
                 Some(Err(e)) => return Err(ServeError::Io(e)),
             }
         }
@@ -304,7 +368,7 @@ where
         // of the wait above.
         let step = Box::pin(serve_request(conn, wbuf, settings, shutdown, handler)).await?;
         if let Step::Close = step {
-            return Ok(());
+            return Ok(Arrival::Closed);
         }
     }
 }
@@ -408,6 +472,7 @@ async fn wait_for_request(
     conn: &Shared,
     settings: &H1Settings,
     shutdown: &CancellationToken,
+    park_after: Option<Duration>,
 ) -> Option<io::Result<Arrival>> {
     let arrival = async {
         loop {
@@ -433,10 +498,13 @@ async fn wait_for_request(
             }
         }
     };
+    // `park_after` is below the idle timeout when set.
+    let idle = tokio::time::sleep(park_after.unwrap_or(settings.idle_timeout));
     tokio::select! {
         biased;
         () = shutdown.cancelled() => None,
-        r = tokio::time::timeout(settings.idle_timeout, arrival) => r.ok(),
+        r = arrival => Some(r),
+        () = idle => park_after.map(|p| Ok(Arrival::Park(p))),
     }
 }
 
