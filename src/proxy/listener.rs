@@ -23,7 +23,7 @@ use crate::admin::metrics::ListenerMetrics;
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::h1;
-use crate::proxy::http::{handle, ConnInfo};
+use crate::proxy::http::{handle, record_refused, ConnInfo};
 use crate::proxy::peek::{self, Look};
 use crate::proxy::{proxy_protocol, tcp};
 use crate::state::Shared;
@@ -203,6 +203,9 @@ async fn serve_http(
                 async move { handle(&shared, &info, req.map(RequestBody::H1)).await }
             };
             if let Err(err) = h1::serve_connection(stream, settings, close, handler).await {
+                if let h1::ServeError::Rejected { status, reason, .. } = &err {
+                    record_refused(&shared, &info, status.as_u16(), reason);
+                }
                 tracing::debug!(error = %err, "connection ended with an error");
             }
         }
