@@ -4,8 +4,8 @@
 //! balancers, limits, resolved metric handles). It is immutable, built off to
 //! the side and published with one `ArcSwap::store`; a request loads it once
 //! and keeps that `Arc` to its end. [`Shared`] holds the swap slot and the
-//! long-lived parts: the backend registry, the metrics and the lifecycle
-//! flags read by /readyz.
+//! long-lived parts: the backend registry, the metrics, the access log and
+//! the lifecycle flags read by /readyz.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use crate::admin::metrics::{Metrics, RouteMetrics};
 use crate::config::{Config, ListenerConfig, RouteTarget};
 use crate::health::HealthChecks;
+use crate::proxy::access_log::AccessLog;
 use crate::proxy::route::Router;
 use crate::upstream::registry::Registry;
 use crate::upstream::Upstream;
@@ -120,6 +121,9 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: Registry,
     pub metrics: Metrics,
+    /// Where finished requests and sessions are logged (when
+    /// `log.access_log` is on).
+    pub access_log: Arc<AccessLog>,
     /// The health-check tasks of the current snapshot.
     pub health: HealthChecks,
     ready: AtomicBool,
@@ -134,6 +138,7 @@ impl Shared {
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
+            access_log: Arc::new(AccessLog::stdout(metrics.access_log_dropped())),
             metrics,
             health: HealthChecks::default(),
             ready: AtomicBool::new(false),

@@ -24,6 +24,8 @@ struct Proc {
     admin: SocketAddr,
     /// Every stderr line after the ready event.
     log: Arc<Mutex<Vec<String>>>,
+    /// Every stdout line (the access log).
+    access: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -43,10 +45,20 @@ impl Proc {
             .args(["--log-format", "json", "run", "--config"])
             .arg(&path)
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("spawn sluice");
         let stderr = child.stderr.take().expect("stderr");
+        let stdout = child.stdout.take().expect("stdout");
+        let access = Arc::new(Mutex::new(Vec::new()));
+        let access_sink = Arc::clone(&access);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(mut lines) = access_sink.lock() {
+                    lines.push(line);
+                }
+            }
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&log);
@@ -84,24 +96,23 @@ impl Proc {
             listeners,
             admin,
             log,
+            access,
             _dir: dir,
         }
     }
 
-    /// Waits for a JSON log line logged to `target`, and returns its fields.
-    fn wait_log(&self, target: &str) -> serde_json::Value {
+    /// Waits until the access log has `n` lines, and returns them.
+    fn wait_access(&self, n: usize) -> Vec<String> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let found = self.log.lock().ok().and_then(|lines| {
-                lines
-                    .iter()
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .find(|v| v["target"] == target)
-            });
-            if let Some(v) = found {
-                return v["fields"].clone();
+            let lines = self.access.lock().map(|l| l.clone()).unwrap_or_default();
+            if lines.len() >= n {
+                return lines;
             }
-            assert!(std::time::Instant::now() < deadline, "no {target} log line");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wanted {n} access log lines, have {lines:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -371,17 +382,19 @@ fn tcp_gigabyte_each_way_arrives_intact_with_bounded_memory() {
 }
 
 #[test]
-fn access_log_has_one_line_per_tcp_session_and_per_http_request() {
+fn access_log_has_one_json_line_per_tcp_session_and_per_http_request() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let http_backend = rt.block_on(Backend::start("a"));
     let echo = rt.block_on(spawn_tcp_echo());
+    let dead = free_addr();
     let cfg = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[log]\naccess_log = true\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\naccess_log = true\n\
          [[listener]]\nname = \"l4\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"echo\"\n\
          [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"echo\"\nbackends = [\"{echo}\"]\n\
-         [[upstream]]\nname = \"app\"\nbackends = [\"{}\"]\n",
+         [[upstream]]\nname = \"app\"\nbackends = [\"{dead}\", \"{}\"]\nbalancer = \"round_robin\"\n\
+         retry = {{ attempts = 2 }}\n",
         http_backend.addr
     );
     let proc = Proc::start(&cfg);
@@ -395,28 +408,125 @@ fn access_log_has_one_line_per_tcp_session_and_per_http_request() {
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.expect("eof");
     });
-    let session = proc.wait_log("sluice::access");
+    let lines = proc.wait_access(1);
+    let session: serde_json::Value = serde_json::from_str(&lines[0]).expect("a JSON line");
+    assert_eq!(session["kind"], "tcp");
     assert_eq!(session["listener"], "l4");
+    assert_eq!(session["upstream"], "echo");
     assert_eq!(session["backend"], echo.to_string());
+    assert_eq!(session["attempts"], 1);
     assert_eq!(session["bytes_in"], 5);
     assert_eq!(session["bytes_out"], 5);
     assert_eq!(session["close"], "closed");
+    assert_eq!(session["error"], serde_json::Value::Null);
     assert!(session["client"]
         .as_str()
         .is_some_and(|c| c.starts_with("127.0.0.1:")));
     assert!(session["duration_ms"].as_f64().is_some());
+    assert!(session["time"].as_str().is_some_and(|t| t.ends_with('Z')));
 
-    proc.log.lock().expect("lock").clear();
+    // Round robin sends the first request to the dead backend: a connect
+    // failure, then a retry to the live one.
     let web = proc.addr("web");
-    let answer = rt.block_on(get(web, "/status/503"));
-    assert_eq!(answer.status, 503);
-    let request = proc.wait_log("sluice::access");
+    let req = Request::put(format!("http://{web}/upload?x=1"))
+        .header("host", "shop.example")
+        .body(
+            http_body_util::Full::new(bytes::Bytes::from_static(b"0123456789"))
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+        .expect("request");
+    let answer = rt.block_on(send(&h1_client(), req));
+    let lines = proc.wait_access(2);
+    let request: serde_json::Value = serde_json::from_str(&lines[1]).expect("a JSON line");
+    assert_eq!(request["kind"], "http");
     assert_eq!(request["listener"], "web");
-    assert_eq!(request["method"], "GET");
-    assert_eq!(request["path"], "/status/503");
-    assert_eq!(request["status"], 503);
+    assert_eq!(request["method"], "PUT");
+    assert_eq!(request["host"], "shop.example");
+    assert_eq!(request["path"], "/upload");
+    assert_eq!(request["status"], answer.status.as_u16());
     assert_eq!(request["upstream"], "app");
-    assert_eq!(request["backend"], http_backend.addr.to_string());
+    assert!(request["client"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("127.0.0.1:")));
+    assert!(request["duration_ms"].as_f64().is_some());
+    assert_eq!(request["bytes_out"], answer.body.len());
+    assert_eq!(request["close"], serde_json::Value::Null);
+    // A request with a body is not retried: it failed on the dead backend,
+    // or went to the live one.
+    if answer.status == 200 {
+        assert_eq!(request["backend"], http_backend.addr.to_string());
+        assert_eq!(request["bytes_in"], 10);
+        assert_eq!(request["error"], serde_json::Value::Null);
+    } else {
+        assert_eq!(request["backend"], dead.to_string());
+        assert_eq!(request["error"], "connect-failure");
+    }
+    assert_eq!(request["attempts"], 1);
+
+    // An idempotent request that meets the dead backend is retried.
+    let mut saw_retry = false;
+    for i in 0..2 {
+        let answer = rt.block_on(get(web, "/status/201"));
+        assert_eq!(answer.status, 201);
+        let lines = proc.wait_access(3 + i);
+        let request: serde_json::Value = serde_json::from_str(&lines[2 + i]).expect("JSON");
+        assert_eq!(request["status"], 201);
+        assert_eq!(request["backend"], http_backend.addr.to_string());
+        saw_retry |= request["attempts"] == 2;
+    }
+    assert!(saw_retry, "one of two requests met the dead backend first");
+
+    // A request the codec refuses is logged too, with its reason.
+    let refused = rt.block_on(raw_exchange(
+        web,
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        Duration::from_secs(5),
+    ));
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    let lines = proc.wait_access(5);
+    let request: serde_json::Value = serde_json::from_str(&lines[4]).expect("JSON");
+    assert_eq!(request["status"], 400);
+    assert!(request["error"].as_str().is_some(), "{request}");
+    assert!(
+        proc.log
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|l| !l.contains("\"kind\":\"http\"")),
+        "access lines are on stdout, not stderr"
+    );
+}
+
+#[test]
+fn access_log_in_text_format_is_one_key_value_line_per_request() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let backend = rt.block_on(Backend::start("a"));
+    let cfg = simple_config(&[&backend], "").replace(
+        "[[listener]]",
+        "[log]\nformat = \"text\"\naccess_log = true\n\n[[listener]]",
+    );
+    let proc = Proc::start(&cfg);
+    let web = proc.addr("web");
+    assert_eq!(rt.block_on(get(web, "/x%20y")).status, 200);
+    let lines = proc.wait_access(1);
+    let line = &lines[0];
+    for want in [
+        " kind=http ",
+        " listener=web ",
+        " method=GET ",
+        " path=/x%20y ",
+        " status=200 ",
+        " upstream=app ",
+        &format!(" backend={} ", backend.addr),
+        " attempts=1 ",
+        " bytes_in=0 ",
+        " bytes_out=1 ",
+        " error=- ",
+    ] {
+        assert!(line.contains(want), "{want:?} missing from {line}");
+    }
+    assert!(line.starts_with("time=20"), "{line}");
 }
 
 #[test]

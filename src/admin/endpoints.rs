@@ -91,17 +91,24 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                             (Some(_), false) => "down",
                         },
                         "circuit": b.circuit_state().map(|s| s.as_str()),
+                        "eligible": b.is_healthy() && b.circuit_allows(),
                         "in_flight": b.in_flight(),
                         "requests_total": b.requests_total(),
                         "failures_total": b.failures_total(),
                     })
                 })
                 .collect();
+            let eligible = u
+                .backends
+                .iter()
+                .filter(|b| b.is_healthy() && b.circuit_allows())
+                .count();
             json!({
                 "name": &*u.name,
-                "balancer": "round_robin",
+                "balancer": u.config.balancer.as_str(),
                 "in_flight": u.limit.current(),
                 "max_in_flight": u.config.max_in_flight,
+                "eligible_backends": eligible,
                 "backends": backends,
             })
         })
@@ -113,7 +120,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             json!({
                 "name": &*l.name,
                 "listen": l.config.listen.to_string(),
-                "protocol": "http",
+                "protocol": l.config.protocol.as_str(),
+                "default_upstream": l.config.upstream.as_deref(),
             })
         })
         .collect();
@@ -123,6 +131,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "path": snapshot.config.source.path.display().to_string(),
             "hash": snapshot.config.source.hash,
             "loaded_at_unix": loaded,
+            "loaded_at": humantime::format_rfc3339_millis(snapshot.loaded_at).to_string(),
         },
         "ready": shared.is_ready(),
         "draining": shared.is_draining(),

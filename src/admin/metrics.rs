@@ -3,10 +3,22 @@
 //! One [`Metrics`] value is built by `runtime::run` and passed down; there is
 //! no global registry. The data path never looks a label up by string: the
 //! snapshot builder resolves label children once per listener/upstream pair
-//! ([`RouteMetrics`]) and once per backend ([`BackendMetrics`]), and requests
-//! only touch those handles.
+//! ([`RouteMetrics`]), once per upstream ([`ShedMetrics`], [`RetryMetrics`])
+//! and once per backend ([`BackendMetrics`]), and requests only touch those
+//! handles.
+//!
+//! Each handle set holds a lease on its label values. A reload builds the
+//! new snapshot's handles before the old snapshot goes, so a label set that
+//! survives the reload always has a lease; one that does not (a removed
+//! backend, upstream or route) loses its last lease when the old snapshot
+//! and the requests still running on it are gone, and its series are then
+//! removed from /metrics instead of lingering with stale values.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::resilience::breaker::CircuitState;
+use crate::resilience::retry::RetryOn;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -17,10 +29,33 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The `code` label values of `sluice_http_requests_total`, by status class.
+const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The `result` label values of `sluice_health_checks_total`.
+const CHECK_RESULTS: [&str; 2] = ["success", "failure"];
+
+/// The `to` label values of `sluice_circuit_transitions_total`.
+const CIRCUIT_STATES: [CircuitState; 3] = [
+    CircuitState::Closed,
+    CircuitState::HalfOpen,
+    CircuitState::Open,
+];
+
+/// The `reason` label values of `sluice_load_shed_total`.
+const SHED_REASONS: [&str; 3] = ["overloaded", "no_healthy_backend", "circuit_open"];
+
+/// The `kind` label values of `sluice_downstream_protocol_errors_total`.
+const PROTOCOL_ERRORS: [&str; 2] = ["proxy_protocol", "client_hello"];
+
 /// The registry and every metric family in it.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    families: Arc<Families>,
+}
+
+struct Families {
     http_requests: IntCounterVec,
     http_request_duration: HistogramVec,
     upstream_requests: IntCounterVec,
@@ -39,6 +74,134 @@ pub struct Metrics {
     circuit_transitions: IntCounterVec,
     retries: IntCounterVec,
     config_last_reload: IntGauge,
+    config_last_reload_ok: IntGauge,
+    access_log_dropped: IntCounter,
+    /// Live handle sets per label set (see the module docs).
+    leases: Mutex<HashMap<LeaseKey, usize>>,
+}
+
+/// A label set whose series are kept while some handle set uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LeaseKey {
+    Route {
+        listener: Box<str>,
+        upstream: Box<str>,
+    },
+    Backend {
+        upstream: Box<str>,
+        backend: Box<str>,
+    },
+    Shed {
+        upstream: Box<str>,
+    },
+    Retries {
+        upstream: Box<str>,
+    },
+    Listener {
+        listener: Box<str>,
+    },
+}
+
+/// Keeps one label set's series exported; when the last lease of a label
+/// set drops, its series are removed from the registry.
+struct Lease {
+    families: Arc<Families>,
+    key: LeaseKey,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut leases = self
+            .families
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(count) = leases.get_mut(&self.key) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            leases.remove(&self.key);
+            // Under the lock, so a handle set being built for the same
+            // labels cannot pick up a child that is about to be removed.
+            self.families.remove(&self.key);
+        }
+    }
+}
+
+impl Families {
+    /// Builds a handle set for `key` under a lease. Building under the
+    /// lease lock orders it against a concurrent removal of the same labels.
+    fn lease<T>(self: &Arc<Self>, key: LeaseKey, build: impl FnOnce(&Families) -> T) -> (T, Lease) {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        *leases.entry(key.clone()).or_insert(0) += 1;
+        let handles = build(self);
+        (
+            handles,
+            Lease {
+                families: Arc::clone(self),
+                key,
+            },
+        )
+    }
+
+    /// Removes every series of `key` (a child that was never created is
+    /// not an error).
+    fn remove(&self, key: &LeaseKey) {
+        match key {
+            LeaseKey::Route { listener, upstream } => {
+                let (l, u) = (&**listener, &**upstream);
+                for code in CODES {
+                    let _ = self.http_requests.remove_label_values(&[l, u, code]);
+                }
+                let _ = self.http_request_duration.remove_label_values(&[l, u]);
+            }
+            LeaseKey::Backend { upstream, backend } => {
+                let (u, b) = (&**upstream, &**backend);
+                for outcome in Outcome::ALL {
+                    let _ = self
+                        .upstream_requests
+                        .remove_label_values(&[u, b, outcome.as_str()]);
+                }
+                let _ = self.upstream_request_duration.remove_label_values(&[u, b]);
+                let _ = self.upstream_in_flight.remove_label_values(&[u, b]);
+                let _ = self.backend_up.remove_label_values(&[u, b]);
+                let _ = self.circuit_state.remove_label_values(&[u, b]);
+                for result in CHECK_RESULTS {
+                    let _ = self.health_checks.remove_label_values(&[u, b, result]);
+                }
+                for state in CIRCUIT_STATES {
+                    let _ = self
+                        .circuit_transitions
+                        .remove_label_values(&[u, b, state.as_str()]);
+                }
+            }
+            LeaseKey::Shed { upstream } => {
+                for reason in SHED_REASONS {
+                    let _ = self.load_shed.remove_label_values(&[upstream, reason]);
+                }
+            }
+            LeaseKey::Retries { upstream } => {
+                for (_, reason) in RetryOn::ALL {
+                    let _ = self.retries.remove_label_values(&[upstream, reason]);
+                }
+            }
+            LeaseKey::Listener { listener } => {
+                let l = &**listener;
+                let _ = self.downstream_active.remove_label_values(&[l]);
+                let _ = self.downstream_parked.remove_label_values(&[l]);
+                for result in ["accepted", "rejected"] {
+                    let _ = self.downstream_total.remove_label_values(&[l, result]);
+                }
+                for direction in ["rx", "tx"] {
+                    let _ = self.tcp_bytes.remove_label_values(&[l, direction]);
+                }
+                for kind in PROTOCOL_ERRORS {
+                    let _ = self.protocol_errors.remove_label_values(&[l, kind]);
+                }
+            }
+        }
+    }
 }
 
 /// Handles for requests of one listener sent to one upstream.
@@ -46,14 +209,21 @@ pub struct RouteMetrics {
     /// Indexed by status class: 1xx..5xx at 0..4.
     codes: [IntCounter; 5],
     duration: Histogram,
+    _lease: Lease,
 }
 
 impl RouteMetrics {
     /// Counts one finished request with `status` that took `seconds`.
     pub fn record(&self, status: u16, seconds: f64) {
+        self.count(status);
+        self.duration.observe(seconds);
+    }
+
+    /// Counts one request with `status` whose duration is unknown (refused
+    /// by the codec before it was fully read).
+    pub fn count(&self, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.codes[class].inc();
-        self.duration.observe(seconds);
     }
 }
 
@@ -102,6 +272,7 @@ pub struct BackendMetrics {
     pub circuit_state: IntGauge,
     /// Transitions to closed, half-open and open.
     transitions: [IntCounter; 3],
+    _lease: Lease,
 }
 
 impl BackendMetrics {
@@ -123,10 +294,18 @@ impl BackendMetrics {
     }
 }
 
-/// Handles for load shedding on one upstream.
+/// Handles for load shedding on one upstream, by reason.
 pub struct ShedMetrics {
     pub overloaded: IntCounter,
     pub no_healthy_backend: IntCounter,
+    pub circuit_open: IntCounter,
+    _lease: Lease,
+}
+
+/// The retry counters of one upstream, indexed like [`RetryOn::ALL`].
+pub struct RetryMetrics {
+    pub by_condition: [IntCounter; 6],
+    _lease: Lease,
 }
 
 /// Handles for one listener's connections.
@@ -145,6 +324,7 @@ pub struct ListenerMetrics {
     /// TLS passthrough connections closed for a missing or malformed
     /// ClientHello.
     pub client_hello_errors: IntCounter,
+    _lease: Lease,
 }
 
 impl Metrics {
@@ -174,7 +354,14 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
-        let metrics = Metrics {
+        let single_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let families = Families {
             http_requests: counter(
                 "sluice_http_requests_total",
                 "HTTP requests answered, by listener, upstream and status class",
@@ -197,12 +384,12 @@ impl Metrics {
             ),
             upstream_in_flight: gauge(
                 "sluice_upstream_in_flight",
-                "Backend calls in progress",
+                "Backend calls (http) or sessions (tcp) in progress",
                 &["upstream", "backend"],
             ),
             load_shed: counter(
                 "sluice_load_shed_total",
-                "Requests answered 503 without a backend call",
+                "Requests and sessions refused without a backend call",
                 &["upstream", "reason"],
             ),
             downstream_active: gauge(
@@ -257,131 +444,186 @@ impl Metrics {
             ),
             config_reloads: counter(
                 "sluice_config_reloads_total",
-                "Configuration reloads, by result",
+                "Configuration loads, by result",
                 &["result"],
             ),
-            config_last_reload: {
-                let g = IntGauge::new(
-                    "sluice_config_last_reload_success_timestamp_seconds",
-                    "Unix time of the last successful configuration load",
+            config_last_reload: single_gauge(
+                "sluice_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load",
+            ),
+            config_last_reload_ok: single_gauge(
+                "sluice_config_last_reload_successful",
+                "1 if the last configuration load succeeded, else 0",
+            ),
+            access_log_dropped: {
+                let c = IntCounter::new(
+                    "sluice_access_log_dropped_total",
+                    "Access log lines dropped because the log writer fell behind",
                 )
                 .expect("valid metric");
                 registry
-                    .register(Box::new(g.clone()))
+                    .register(Box::new(c.clone()))
                     .expect("unique metric");
-                g
+                c
             },
-            registry: registry.clone(),
+            leases: Mutex::new(HashMap::new()),
         };
+        // Both results exist from the start, so that rate() and increase()
+        // see the first failure.
+        for result in ["success", "failure"] {
+            families.config_reloads.with_label_values(&[result]);
+        }
         let build = gauge("sluice_build_info", "Sluice version", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let process = prometheus::process_collector::ProcessCollector::for_self();
         // Not every platform has process metrics; the rest still works.
         let _ = registry.register(Box::new(process));
-        metrics
+        Metrics {
+            registry,
+            families: Arc::new(families),
+        }
     }
 
     /// Handles for requests of `listener` sent to `upstream` (empty when the
     /// request never reached an upstream).
     pub fn route(&self, listener: &str, upstream: &str) -> RouteMetrics {
-        let code = |c: &str| {
-            self.http_requests
-                .with_label_values(&[listener, upstream, c])
+        let key = LeaseKey::Route {
+            listener: listener.into(),
+            upstream: upstream.into(),
         };
+        let ((codes, duration), lease) = self.families.lease(key, |f| {
+            (
+                CODES.map(|c| f.http_requests.with_label_values(&[listener, upstream, c])),
+                f.http_request_duration
+                    .with_label_values(&[listener, upstream]),
+            )
+        });
         RouteMetrics {
-            codes: [
-                code("1xx"),
-                code("2xx"),
-                code("3xx"),
-                code("4xx"),
-                code("5xx"),
-            ],
-            duration: self
-                .http_request_duration
-                .with_label_values(&[listener, upstream]),
+            codes,
+            duration,
+            _lease: lease,
         }
     }
 
     /// Handles for one backend of one upstream.
     pub fn backend(&self, upstream: &str, backend: &str) -> BackendMetrics {
+        let key = LeaseKey::Backend {
+            upstream: upstream.into(),
+            backend: backend.into(),
+        };
+        let (handles, lease) = self.families.lease(key, |f| {
+            let pair = [upstream, backend];
+            let up = f.backend_up.with_label_values(&pair);
+            up.set(1);
+            BackendHandles {
+                outcomes: Outcome::ALL.map(|o| {
+                    f.upstream_requests
+                        .with_label_values(&[upstream, backend, o.as_str()])
+                }),
+                duration: f.upstream_request_duration.with_label_values(&pair),
+                in_flight: f.upstream_in_flight.with_label_values(&pair),
+                up,
+                checks: CHECK_RESULTS
+                    .map(|r| f.health_checks.with_label_values(&[upstream, backend, r])),
+                circuit_state: f.circuit_state.with_label_values(&pair),
+                transitions: CIRCUIT_STATES.map(|s| {
+                    f.circuit_transitions
+                        .with_label_values(&[upstream, backend, s.as_str()])
+                }),
+            }
+        });
         BackendMetrics {
-            outcomes: Outcome::ALL.map(|o| {
-                self.upstream_requests
-                    .with_label_values(&[upstream, backend, o.as_str()])
-            }),
-            duration: self
-                .upstream_request_duration
-                .with_label_values(&[upstream, backend]),
-            in_flight: self
-                .upstream_in_flight
-                .with_label_values(&[upstream, backend]),
-            up: {
-                let up = self.backend_up.with_label_values(&[upstream, backend]);
-                up.set(1);
-                up
-            },
-            checks: [
-                self.health_checks
-                    .with_label_values(&[upstream, backend, "success"]),
-                self.health_checks
-                    .with_label_values(&[upstream, backend, "failure"]),
-            ],
-            circuit_state: self.circuit_state.with_label_values(&[upstream, backend]),
-            transitions: [
-                CircuitState::Closed,
-                CircuitState::HalfOpen,
-                CircuitState::Open,
-            ]
-            .map(|s| {
-                self.circuit_transitions
-                    .with_label_values(&[upstream, backend, s.as_str()])
-            }),
+            outcomes: handles.outcomes,
+            duration: handles.duration,
+            in_flight: handles.in_flight,
+            up: handles.up,
+            checks: handles.checks,
+            circuit_state: handles.circuit_state,
+            transitions: handles.transitions,
+            _lease: lease,
         }
     }
 
-    /// The retry counter of one upstream for one reason.
-    pub fn retry(&self, upstream: &str, reason: &str) -> IntCounter {
-        self.retries.with_label_values(&[upstream, reason])
+    /// The retry counters of one upstream.
+    pub fn retries(&self, upstream: &str) -> RetryMetrics {
+        let key = LeaseKey::Retries {
+            upstream: upstream.into(),
+        };
+        let (by_condition, lease) = self.families.lease(key, |f| {
+            RetryOn::ALL.map(|(_, reason)| f.retries.with_label_values(&[upstream, reason]))
+        });
+        RetryMetrics {
+            by_condition,
+            _lease: lease,
+        }
     }
 
     /// Handles for load shedding on one upstream.
     pub fn shed(&self, upstream: &str) -> ShedMetrics {
+        let key = LeaseKey::Shed {
+            upstream: upstream.into(),
+        };
+        let ([overloaded, no_healthy_backend, circuit_open], lease) =
+            self.families.lease(key, |f| {
+                SHED_REASONS.map(|r| f.load_shed.with_label_values(&[upstream, r]))
+            });
         ShedMetrics {
-            overloaded: self.load_shed.with_label_values(&[upstream, "overloaded"]),
-            no_healthy_backend: self
-                .load_shed
-                .with_label_values(&[upstream, "no_healthy_backend"]),
+            overloaded,
+            no_healthy_backend,
+            circuit_open,
+            _lease: lease,
         }
     }
 
     /// Handles for one listener's connections.
     pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        let key = LeaseKey::Listener {
+            listener: listener.into(),
+        };
+        let (handles, lease) = self.families.lease(key, |f| {
+            let [proxy_protocol_errors, client_hello_errors] =
+                PROTOCOL_ERRORS.map(|k| f.protocol_errors.with_label_values(&[listener, k]));
+            (
+                f.downstream_active.with_label_values(&[listener]),
+                f.downstream_parked.with_label_values(&[listener]),
+                f.downstream_total
+                    .with_label_values(&[listener, "accepted"]),
+                f.downstream_total
+                    .with_label_values(&[listener, "rejected"]),
+                f.tcp_bytes.with_label_values(&[listener, "rx"]),
+                f.tcp_bytes.with_label_values(&[listener, "tx"]),
+                proxy_protocol_errors,
+                client_hello_errors,
+            )
+        });
+        let (active, parked, accepted, rejected, bytes_rx, bytes_tx, pp, hello) = handles;
         ListenerMetrics {
-            active: self.downstream_active.with_label_values(&[listener]),
-            parked: self.downstream_parked.with_label_values(&[listener]),
-            accepted: self
-                .downstream_total
-                .with_label_values(&[listener, "accepted"]),
-            rejected: self
-                .downstream_total
-                .with_label_values(&[listener, "rejected"]),
-            bytes_rx: self.tcp_bytes.with_label_values(&[listener, "rx"]),
-            bytes_tx: self.tcp_bytes.with_label_values(&[listener, "tx"]),
-            proxy_protocol_errors: self
-                .protocol_errors
-                .with_label_values(&[listener, "proxy_protocol"]),
-            client_hello_errors: self
-                .protocol_errors
-                .with_label_values(&[listener, "client_hello"]),
+            active,
+            parked,
+            accepted,
+            rejected,
+            bytes_rx,
+            bytes_tx,
+            proxy_protocol_errors: pp,
+            client_hello_errors: hello,
+            _lease: lease,
         }
+    }
+
+    /// The counter of access log lines dropped because the writer fell
+    /// behind.
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.families.access_log_dropped.clone()
     }
 
     /// Counts a configuration load; a success also sets the timestamp gauge.
     pub fn config_loaded(&self, success: bool, unix_seconds: i64) {
+        let f = &self.families;
         let result = if success { "success" } else { "failure" };
-        self.config_reloads.with_label_values(&[result]).inc();
+        f.config_reloads.with_label_values(&[result]).inc();
+        f.config_last_reload_ok.set(i64::from(success));
         if success {
-            self.config_last_reload.set(unix_seconds);
+            f.config_last_reload.set(unix_seconds);
         }
     }
 
@@ -399,5 +641,116 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The handles of [`BackendMetrics`] before the lease is attached.
+struct BackendHandles {
+    outcomes: [IntCounter; 5],
+    duration: Histogram,
+    in_flight: IntGauge,
+    up: IntGauge,
+    checks: [IntCounter; 2],
+    circuit_state: IntGauge,
+    transitions: [IntCounter; 3],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_with(metrics: &Metrics, needle: &str) -> usize {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(needle))
+            .count()
+    }
+
+    #[test]
+    fn a_backends_series_go_when_its_last_handle_set_drops() {
+        let metrics = Metrics::new();
+        let first = metrics.backend("app", "10.0.0.1:80");
+        first.record(Outcome::Success, 0.01);
+        let second = metrics.backend("app", "10.0.0.1:80");
+        let needle = "backend=\"10.0.0.1:80\"";
+        // 5 outcomes, 18 histogram lines (16 buckets, sum, count),
+        // in-flight, up, 2 checks,
+        // circuit state, 3 transitions.
+        assert_eq!(lines_with(&metrics, needle), 5 + 18 + 1 + 1 + 2 + 1 + 3);
+        drop(first);
+        assert!(
+            lines_with(&metrics, needle) > 0,
+            "a surviving handle set keeps the series (and its counts)"
+        );
+        assert!(metrics
+            .encode()
+            .contains("sluice_upstream_requests_total{backend=\"10.0.0.1:80\",outcome=\"success\",upstream=\"app\"} 1"));
+        drop(second);
+        assert_eq!(lines_with(&metrics, needle), 0);
+        // Coming back starts from zero, fully registered again.
+        let again = metrics.backend("app", "10.0.0.1:80");
+        again.record(Outcome::Timeout, 0.5);
+        let text = metrics.encode();
+        assert!(text.contains("sluice_upstream_requests_total{backend=\"10.0.0.1:80\",outcome=\"success\",upstream=\"app\"} 0"), "{text}");
+        assert!(text.contains("sluice_upstream_requests_total{backend=\"10.0.0.1:80\",outcome=\"timeout\",upstream=\"app\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn route_upstream_and_listener_series_go_with_their_handles() {
+        let metrics = Metrics::new();
+        let route = metrics.route("web", "api");
+        let shed = metrics.shed("api");
+        let retries = metrics.retries("api");
+        let listener = metrics.listener("web");
+        route.record(200, 0.001);
+        shed.circuit_open.inc();
+        retries.by_condition[0].inc();
+        listener.accepted.inc();
+        let text = metrics.encode();
+        for want in [
+            "sluice_http_requests_total{code=\"2xx\",listener=\"web\",upstream=\"api\"} 1",
+            "sluice_load_shed_total{reason=\"circuit_open\",upstream=\"api\"} 1",
+            "sluice_retries_total{reason=\"connect-failure\",upstream=\"api\"} 1",
+            "sluice_downstream_connections_total{listener=\"web\",result=\"accepted\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        drop((route, shed, retries, listener));
+        let text = metrics.encode();
+        assert!(!text.contains("upstream=\"api\""), "{text}");
+        assert!(!text.contains("listener=\"web\""), "{text}");
+    }
+
+    #[test]
+    fn histograms_are_in_seconds_from_half_a_millisecond_to_thirty_seconds() {
+        assert_eq!(LATENCY_BUCKETS.first(), Some(&0.0005));
+        assert_eq!(LATENCY_BUCKETS.last(), Some(&30.0));
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        let metrics = Metrics::new();
+        let _route = metrics.route("web", "app");
+        let text = metrics.encode();
+        assert!(text.contains(
+            "sluice_http_request_duration_seconds_bucket{listener=\"web\",upstream=\"app\",le=\"0.0005\"} 0"
+        ));
+        assert!(text.contains(
+            "sluice_http_request_duration_seconds_bucket{listener=\"web\",upstream=\"app\",le=\"30\"} 0"
+        ));
+    }
+
+    #[test]
+    fn a_failed_load_turns_the_success_gauge_off_and_keeps_the_timestamp() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        assert!(text.contains("sluice_config_reloads_total{result=\"failure\"} 0"));
+        metrics.config_loaded(true, 1_700_000_000);
+        metrics.config_loaded(false, 1_700_000_100);
+        let text = metrics.encode();
+        assert!(
+            text.contains("sluice_config_last_reload_successful 0"),
+            "{text}"
+        );
+        assert!(text.contains("sluice_config_last_reload_success_timestamp_seconds 1700000000"));
+        assert!(text.contains("sluice_config_reloads_total{result=\"failure\"} 1"));
     }
 }

@@ -79,6 +79,16 @@ pub enum ListenerProtocol {
     Tcp,
 }
 
+impl ListenerProtocol {
+    /// The config name (`protocol = "..."`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerProtocol::Http => "http",
+            ListenerProtocol::Tcp => "tcp",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub name: String,
@@ -190,6 +200,19 @@ pub enum BalancerKind {
     ConsistentHash { vnodes: u32, bounded_load: f64 },
     /// Weighted random.
     Random,
+}
+
+impl BalancerKind {
+    /// The config name (`balancer = "..."`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BalancerKind::RoundRobin => "round_robin",
+            BalancerKind::LeastConn => "least_conn",
+            BalancerKind::P2c => "p2c",
+            BalancerKind::ConsistentHash { .. } => "consistent_hash",
+            BalancerKind::Random => "random",
+        }
+    }
 }
 
 /// Active health checks of an upstream's backends.

@@ -8,6 +8,7 @@
 //! client goes away.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -17,6 +18,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::admin::metrics::{Outcome, RouteMetrics};
+use crate::proxy::access_log::{AccessLog, Entry};
 use crate::proxy::error::BoxError;
 use crate::proxy::h1;
 use crate::resilience::limit::InFlightPermit;
@@ -27,6 +29,16 @@ pub enum RequestBody {
     H1(h1::RequestBody),
     H2(Incoming),
     Empty,
+    /// A body whose bytes are added to a counter as they pass (for the
+    /// access log).
+    Counted(Box<RequestBody>, Arc<AtomicU64>),
+}
+
+impl RequestBody {
+    /// This body, adding the bytes that pass to `counter`.
+    pub fn counted(self, counter: Arc<AtomicU64>) -> Self {
+        RequestBody::Counted(Box::new(self), counter)
+    }
 }
 
 impl Body for RequestBody {
@@ -41,6 +53,15 @@ impl Body for RequestBody {
             RequestBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             RequestBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Counted(b, counter) => {
+                let polled = Pin::new(&mut **b).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                polled
+            }
         }
     }
 
@@ -49,6 +70,7 @@ impl Body for RequestBody {
             RequestBody::H1(b) => b.is_end_stream(),
             RequestBody::H2(b) => b.is_end_stream(),
             RequestBody::Empty => true,
+            RequestBody::Counted(b, _) => b.is_end_stream(),
         }
     }
 
@@ -57,6 +79,7 @@ impl Body for RequestBody {
             RequestBody::H1(b) => b.size_hint(),
             RequestBody::H2(b) => b.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Counted(b, _) => b.size_hint(),
         }
     }
 }
@@ -66,43 +89,41 @@ pub struct Exchange {
     pub route: Arc<RouteMetrics>,
     pub started: Instant,
     pub status: u16,
+    /// Backend calls made, retries included.
+    pub attempts: u32,
     pub guard: Option<RequestGuard>,
     pub permit: Option<InFlightPermit>,
-    pub log: Option<AccessLog>,
+    pub log: Option<RequestLog>,
 }
 
-/// What the access log line of a request says beyond status and time.
-pub struct AccessLog {
-    pub listener: Arc<str>,
-    pub client: std::net::SocketAddr,
-    pub method: http::Method,
-    pub host: String,
-    pub path: String,
-    pub upstream: Arc<str>,
-    pub reason: Option<&'static str>,
-    pub bytes_out: u64,
+/// The access log line of a request, filled in as it goes (present only
+/// when `log.access_log` is on).
+pub struct RequestLog {
+    pub sink: Arc<AccessLog>,
+    pub entry: Box<Entry>,
+    /// Request body bytes read from the client so far.
+    pub bytes_in: Arc<AtomicU64>,
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
         self.route.record(self.status, elapsed.as_secs_f64());
-        if let Some(log) = &self.log {
-            let backend = self.guard.as_ref().map(|g| &*g.backend().key.address);
-            tracing::info!(
-                target: "sluice::access",
-                listener = &*log.listener,
-                client = %log.client,
-                method = %log.method,
-                host = %log.host,
-                path = %log.path,
-                status = self.status,
-                upstream = &*log.upstream,
-                backend = backend.unwrap_or("-"),
-                bytes_out = log.bytes_out,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                error = log.reason.unwrap_or("-"),
-            );
+        if let Some(log) = self.log.take() {
+            let RequestLog {
+                sink,
+                mut entry,
+                bytes_in,
+            } = log;
+            entry.status = Some(self.status);
+            entry.backend = self
+                .guard
+                .as_ref()
+                .map(|g| Arc::clone(&g.backend().key.address));
+            entry.attempts = self.attempts;
+            entry.bytes_in = bytes_in.load(Ordering::Relaxed);
+            entry.duration = elapsed;
+            sink.record(entry);
         }
     }
 }
@@ -165,7 +186,7 @@ impl Body for ProxyBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(ex)) = (frame.data_ref(), this.exchange.as_mut()) {
                     if let Some(log) = ex.log.as_mut() {
-                        log.bytes_out += data.len() as u64;
+                        log.entry.bytes_out += data.len() as u64;
                     }
                 }
                 if this.is_end_stream() {

@@ -23,6 +23,8 @@ pub enum ProxyError {
     Overloaded { upstream: String },
     #[error("upstream {upstream} has no eligible backend")]
     NoHealthyBackend { upstream: String },
+    #[error("every healthy backend of upstream {upstream} has its circuit open")]
+    CircuitOpen { upstream: String },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
     #[error("connect to {addr} failed")]
@@ -59,6 +61,7 @@ impl ProxyError {
             ProxyError::NoRoute => S::NOT_FOUND,
             ProxyError::Overloaded { .. } => S::SERVICE_UNAVAILABLE,
             ProxyError::NoHealthyBackend { .. } => S::SERVICE_UNAVAILABLE,
+            ProxyError::CircuitOpen { .. } => S::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } => S::BAD_GATEWAY,
             ProxyError::Connect { .. } => S::BAD_GATEWAY,
             ProxyError::Timeout { .. } => S::GATEWAY_TIMEOUT,
@@ -75,6 +78,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no-route",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::NoHealthyBackend { .. } => "no-healthy-backend",
+            ProxyError::CircuitOpen { .. } => "circuit-open",
             ProxyError::ConnectTimeout { .. } => "connect-failure",
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::Timeout { .. } => "upstream-timeout",
@@ -91,6 +95,7 @@ impl ProxyError {
             ProxyError::NoRoute => None,
             ProxyError::Overloaded { .. } => None,
             ProxyError::NoHealthyBackend { .. } => None,
+            ProxyError::CircuitOpen { .. } => None,
             ProxyError::ConnectTimeout { .. } => Some(RetryOn::ConnectFailure),
             ProxyError::Connect { .. } => Some(RetryOn::ConnectFailure),
             ProxyError::Timeout { .. } => Some(RetryOn::Timeout),
@@ -107,6 +112,7 @@ impl ProxyError {
             ProxyError::NoRoute => None,
             ProxyError::Overloaded { .. } => None,
             ProxyError::NoHealthyBackend { .. } => None,
+            ProxyError::CircuitOpen { .. } => None,
             ProxyError::ConnectTimeout { .. } => Some(Outcome::ConnectFailure),
             ProxyError::Connect { .. } => Some(Outcome::ConnectFailure),
             ProxyError::Timeout { .. } => Some(Outcome::Timeout),

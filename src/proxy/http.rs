@@ -7,7 +7,9 @@
 //! answer goes through [`error_response`].
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -19,8 +21,9 @@ use tokio::time::Instant;
 
 use crate::admin::metrics::Outcome;
 use crate::balance;
-use crate::config::{BalancerKind, HashKey, UpstreamConfig, UpstreamProtocol};
-use crate::proxy::body::{AccessLog, Exchange, ProxyBody, RequestBody};
+use crate::config::{BalancerKind, HashKey, LogFormat, UpstreamConfig, UpstreamProtocol};
+use crate::proxy::access_log::{self, Entry};
+use crate::proxy::body::{Exchange, ProxyBody, RequestBody, RequestLog};
 use crate::proxy::error::ProxyError;
 use crate::proxy::h1;
 use crate::proxy::route::request_host;
@@ -63,16 +66,24 @@ pub async fn handle(
         // The listener was removed by a reload; its connections drain.
         return error_response(&ProxyError::NoRoute, None);
     };
-    let log_enabled = snapshot.config.log.access_log;
+    let log = snapshot
+        .config
+        .log
+        .access_log
+        .then(|| request_log(shared, snapshot.config.log.format, listener, conn, &parts));
     let Some(up_index) = listener.router.route(&parts) else {
-        let exchange = new_exchange(listener, None, started, conn, &parts, log_enabled);
+        let exchange = new_exchange(listener, None, started, log);
         return error_response(&ProxyError::NoRoute, Some(exchange));
     };
     let upstream = &snapshot.upstreams[up_index];
-    let mut exchange = new_exchange(listener, Some(up_index), started, conn, &parts, log_enabled);
-    if let Some(log) = exchange.log.as_mut() {
-        log.upstream = Arc::clone(&upstream.name);
-    }
+    let mut exchange = new_exchange(listener, Some(up_index), started, log);
+    let body = match exchange.log.as_mut() {
+        Some(log) => {
+            log.entry.upstream = Some(Arc::clone(&upstream.name));
+            body.counted(Arc::clone(&log.bytes_in))
+        }
+        None => body,
+    };
 
     let Some(permit) = upstream.limit.try_acquire() else {
         upstream.shed.overloaded.inc();
@@ -126,11 +137,7 @@ pub async fn handle(
             }
         });
         let Some(mut guard) = started_call else {
-            upstream.shed.no_healthy_backend.inc();
-            let err = ProxyError::NoHealthyBackend {
-                upstream: upstream.name.to_string(),
-            };
-            return error_response(&err, Some(exchange));
+            return error_response(&upstream.no_backend(), Some(exchange));
         };
         let backend = Arc::clone(guard.backend());
         let (mut parts, body) = match first.take() {
@@ -159,6 +166,7 @@ pub async fn handle(
             }
         };
         let request = Request::from_parts(parts, body);
+        exchange.attempts = attempt;
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = timeouts.per_try.min(left);
         let sent = tokio::time::timeout(limit, upstream.client.send(backend.addr, request)).await;
@@ -285,31 +293,68 @@ fn new_exchange(
     listener: &ListenerRuntime,
     upstream: Option<usize>,
     started: Instant,
-    conn: &ConnInfo,
-    parts: &Parts,
-    log_enabled: bool,
+    log: Option<RequestLog>,
 ) -> Exchange {
     let route = match upstream {
         Some(i) => Arc::clone(listener.route_metrics(i)),
         None => Arc::clone(&listener.unrouted),
     };
-    let log = log_enabled.then(|| AccessLog {
-        listener: Arc::clone(&listener.name),
-        client: conn.peer,
-        method: parts.method.clone(),
-        host: request_host(parts).unwrap_or("-").to_owned(),
-        path: parts.uri.path().to_owned(),
-        upstream: Arc::from("-"),
-        reason: None,
-        bytes_out: 0,
-    });
     Exchange {
         route,
         started,
         status: 0,
+        attempts: 0,
         guard: None,
         permit: None,
         log,
+    }
+}
+
+/// The start of a request's access log line.
+fn request_log(
+    shared: &Shared,
+    format: LogFormat,
+    listener: &ListenerRuntime,
+    conn: &ConnInfo,
+    parts: &Parts,
+) -> RequestLog {
+    let mut entry = Entry::new(
+        format,
+        access_log::Kind::Http,
+        SystemTime::now(),
+        Arc::clone(&listener.name),
+        conn.peer,
+    );
+    entry.method = Some(parts.method.clone());
+    entry.host = request_host(parts).map(str::to_owned);
+    entry.path = Some(parts.uri.path().to_owned());
+    RequestLog {
+        sink: Arc::clone(&shared.access_log),
+        entry: Box::new(entry),
+        bytes_in: Arc::new(AtomicU64::new(0)),
+    }
+}
+
+/// Counts a request that the HTTP/1.1 codec refused before routing (400,
+/// 408, 431, ...), in `sluice_http_requests_total` with an empty upstream
+/// and in the access log.
+pub fn record_refused(shared: &Shared, conn: &ConnInfo, status: u16, reason: &'static str) {
+    let snapshot = shared.snapshot.load();
+    let Some(listener) = snapshot.listener(conn.listener, &conn.listener_name) else {
+        return;
+    };
+    listener.unrouted.count(status);
+    if snapshot.config.log.access_log {
+        let mut entry = Entry::new(
+            snapshot.config.log.format,
+            access_log::Kind::Http,
+            SystemTime::now(),
+            Arc::clone(&listener.name),
+            conn.peer,
+        );
+        entry.status = Some(status);
+        entry.error = Some(reason);
+        shared.access_log.record(Box::new(entry));
     }
 }
 
@@ -320,7 +365,7 @@ pub fn error_response(err: &ProxyError, exchange: Option<Exchange>) -> Response<
     let exchange = exchange.map(|mut ex| {
         ex.status = status.as_u16();
         if let Some(log) = ex.log.as_mut() {
-            log.reason = Some(err.reason());
+            log.entry.error = Some(err.reason());
         }
         ex
     });

@@ -23,7 +23,7 @@ use crate::admin::metrics::ListenerMetrics;
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::h1;
-use crate::proxy::http::{handle, ConnInfo};
+use crate::proxy::http::{handle, record_refused, ConnInfo};
 use crate::proxy::park::{self, Parking};
 use crate::proxy::peek::{self, Look};
 use crate::proxy::{proxy_protocol, tcp};
@@ -337,6 +337,9 @@ async fn serve_h1(
         Ok(h1::Ended::Parked { socket, idle }) => Some((socket, idle)),
         Ok(h1::Ended::Closed) => None,
         Err(err) => {
+            if let h1::ServeError::Rejected { status, reason, .. } = &err {
+                record_refused(shared, info, status.as_u16(), reason);
+            }
             tracing::debug!(error = %err, "connection ended with an error");
             None
         }

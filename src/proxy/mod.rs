@@ -1,6 +1,7 @@
 //! The data path: listeners, the PROXY protocol, routing, the HTTP pipeline
-//! and its errors.
+//! and its errors, and the access log they write.
 
+pub mod access_log;
 pub mod body;
 pub mod buffers;
 pub mod error;

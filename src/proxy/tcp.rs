@@ -12,7 +12,7 @@ use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{splice, SpliceFFlags};
 use prometheus::IntCounter;
@@ -22,14 +22,15 @@ use tokio::time::Instant;
 
 use crate::admin::metrics::{ListenerMetrics, Outcome};
 use crate::config::{BalancerKind, ProxyProtocolVersion};
+use crate::proxy::access_log::{self, Entry};
 use crate::proxy::error::ProxyError;
 use crate::proxy::http::{client_ip_hash, ConnInfo};
 use crate::proxy::{proxy_protocol, sni};
-use crate::state::Shared;
+use crate::state::{ListenerRuntime, Shared, Snapshot};
 use crate::upstream::backend::{BackendState, RequestGuard};
 use crate::upstream::Upstream;
 
-/// Why a session ended, for the access log.
+/// How a session ended, for the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// Both sides closed their direction.
@@ -50,22 +51,65 @@ impl CloseReason {
     }
 }
 
-/// Serves one TCP session accepted on a `protocol = "tcp"` listener.
+/// Serves one TCP session accepted on a `protocol = "tcp"` listener, and
+/// logs it when `log.access_log` is on.
 pub async fn serve(shared: &Shared, info: &ConnInfo, client: TcpStream, metrics: &ListenerMetrics) {
     let started = Instant::now();
     let snapshot = shared.snapshot.load_full();
     let Some(listener) = snapshot.listener(info.listener, &info.listener_name) else {
         return;
     };
+    let log = &snapshot.config.log;
+    let mut entry = log.access_log.then(|| {
+        Box::new(Entry::new(
+            log.format,
+            access_log::Kind::Tcp,
+            SystemTime::now(),
+            Arc::clone(&listener.name),
+            info.peer,
+        ))
+    });
+    let mut scratch = Entry::new(
+        log.format,
+        access_log::Kind::Tcp,
+        SystemTime::UNIX_EPOCH,
+        Arc::clone(&listener.name),
+        info.peer,
+    );
+    // Without an access log the session fills a throwaway entry on the
+    // stack; with one, the boxed entry that is queued at the end.
+    let record = entry.as_deref_mut().unwrap_or(&mut scratch);
+    session(&snapshot, listener, info, &client, metrics, record).await;
+    if let Some(mut entry) = entry {
+        entry.duration = started.elapsed();
+        shared.access_log.record(entry);
+    }
+}
+
+/// Routes, picks, connects and pumps one session, noting in `log` what
+/// happened.
+async fn session(
+    snapshot: &Snapshot,
+    listener: &ListenerRuntime,
+    info: &ConnInfo,
+    client: &TcpStream,
+    metrics: &ListenerMetrics,
+    log: &mut Entry,
+) {
     let idle = listener.config.timeouts.idle;
     let target = if listener.config.tls_passthrough {
         // Route by the ClientHello's server name; the bytes stay in the
         // socket and reach the backend untouched.
         let limit = listener.config.timeouts.client_header;
-        match sni::peek_sni(&client, limit, sni::DEFAULT_PEEK_MAX).await {
-            Ok(name) => listener.router.route_sni(name.as_deref()),
+        match sni::peek_sni(client, limit, sni::DEFAULT_PEEK_MAX).await {
+            Ok(name) => {
+                let target = listener.router.route_sni(name.as_deref());
+                log.host = name.map(|n| n.to_string());
+                target
+            }
             Err(err) => {
                 metrics.client_hello_errors.inc();
+                log.error = Some("bad-client-hello");
                 tracing::debug!(error = %err, "no usable ClientHello");
                 return;
             }
@@ -74,11 +118,17 @@ pub async fn serve(shared: &Shared, info: &ConnInfo, client: TcpStream, metrics:
         listener.router.default_upstream()
     };
     let Some(upstream) = target.and_then(|i| snapshot.upstreams.get(i)) else {
+        log.error = Some(ProxyError::NoRoute.reason());
         tracing::debug!("no upstream for this session");
         return;
     };
+    log.upstream = Some(Arc::clone(&upstream.name));
     let Some(_permit) = upstream.limit.try_acquire() else {
         upstream.shed.overloaded.inc();
+        let err = ProxyError::Overloaded {
+            upstream: upstream.name.to_string(),
+        };
+        log.error = Some(err.reason());
         tracing::debug!(
             upstream = &*upstream.name,
             "session shed: upstream at max_in_flight"
@@ -90,14 +140,16 @@ pub async fn serve(shared: &Shared, info: &ConnInfo, client: TcpStream, metrics:
         BalancerKind::ConsistentHash { .. } => Some(client_ip_hash(info.peer.ip())),
         _ => None,
     };
-    let (backend_stream, mut guard) = match connect_any(upstream, key).await {
+    let connected = connect_any(upstream, key, &mut log.attempts).await;
+    let (backend_stream, mut guard) = match connected {
         Ok(pair) => pair,
         Err(err) => {
+            log.error = Some(err.reason());
             tracing::debug!(upstream = &*upstream.name, error = %err, "no backend for the session");
             return;
         }
     };
-    let backend = Arc::clone(guard.backend());
+    log.backend = Some(Arc::clone(&guard.backend().key.address));
     if let Some(version) = upstream.config.send_proxy_protocol {
         let header = match version {
             ProxyProtocolVersion::V1 => proxy_protocol::encode_v1(info.peer, info.destination),
@@ -109,47 +161,38 @@ pub async fn serve(shared: &Shared, info: &ConnInfo, client: TcpStream, metrics:
             .is_err()
         {
             guard.set_outcome(Outcome::Reset);
+            log.error = Some("upstream-reset");
             return;
         }
     }
-    let session = pump(&client, &backend_stream, idle, metrics).await;
+    let session = pump(client, &backend_stream, idle, metrics).await;
     guard.set_outcome(match session.reason {
         CloseReason::BackendError => Outcome::Reset,
         _ => Outcome::Success,
     });
-    drop(guard);
-    if snapshot.config.log.access_log {
-        tracing::info!(
-            target: "sluice::access",
-            listener = &*listener.name,
-            client = %info.peer,
-            upstream = &*upstream.name,
-            backend = &*backend.key.address,
-            bytes_in = session.from_client,
-            bytes_out = session.to_client,
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            close = session.reason.as_str(),
-        );
-    }
+    log.bytes_in = session.from_client;
+    log.bytes_out = session.to_client;
+    log.close = Some(session.reason.as_str());
 }
 
 /// Connects to an eligible backend, trying the others when a connect fails
-/// or times out. The guard counts the session as in flight on its backend.
+/// or times out; `attempts` counts the connects tried. The guard counts the
+/// session as in flight on its backend.
 pub async fn connect_any(
     upstream: &Upstream,
     key: Option<u64>,
+    attempts: &mut u32,
 ) -> Result<(TcpStream, RequestGuard), ProxyError> {
     let mut tried: Vec<Arc<BackendState>> = Vec::new();
     let mut last_error = None;
     loop {
         let Some(mut guard) = upstream.start_call(key, &mut tried) else {
-            if last_error.is_none() {
-                upstream.shed.no_healthy_backend.inc();
-            }
-            return Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
-                upstream: upstream.name.to_string(),
-            }));
+            return Err(match last_error {
+                Some(err) => err,
+                None => upstream.no_backend(),
+            });
         };
+        *attempts += 1;
         let backend = Arc::clone(guard.backend());
         let after = upstream.config.timeouts.connect;
         let err = match tokio::time::timeout(after, TcpStream::connect(backend.addr)).await {

@@ -23,6 +23,9 @@ use crate::config::Config;
 use crate::proxy::listener::{accept_loop, BoundListener, ListenerControl};
 use crate::state::Shared;
 
+/// How long a shutdown waits for the access log to be written out.
+const ACCESS_LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why Sluice could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -164,6 +167,9 @@ pub async fn run(config: Config) -> Result<Running, RunError> {
             shared.health.stop();
             admin_stop.cancel();
             let _ = admin_task.await;
+            // Every request has been logged by now; write out the queue.
+            let log = Arc::clone(&shared.access_log);
+            let _ = tokio::task::spawn_blocking(move || log.close(ACCESS_LOG_FLUSH)).await;
         })
     };
 

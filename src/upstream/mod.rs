@@ -8,9 +8,10 @@ pub mod registry;
 
 use std::sync::Arc;
 
-use crate::admin::metrics::{Metrics, ShedMetrics};
+use crate::admin::metrics::{Metrics, RetryMetrics, ShedMetrics};
 use crate::balance::{self, Balancer};
 use crate::config::UpstreamConfig;
+use crate::proxy::error::ProxyError;
 use crate::resilience::limit::InFlightLimit;
 use crate::resilience::retry::{RetryBudget, RetryOn};
 use backend::{BackendKey, BackendState, RequestGuard};
@@ -28,7 +29,7 @@ pub struct Upstream {
     pub limit: InFlightLimit,
     /// Caps the retries this upstream adds.
     pub budget: RetryBudget,
-    retries: [IntCounter; 6],
+    retries: RetryMetrics,
     pub client: UpstreamClient,
     pub shed: ShedMetrics,
 }
@@ -64,7 +65,7 @@ impl Upstream {
             balancer,
             limit,
             budget: RetryBudget::new(config.retry.budget),
-            retries: RetryOn::ALL.map(|(_, reason)| metrics.retry(&config.name, reason)),
+            retries: metrics.retries(&config.name),
             client: UpstreamClient::new(config.protocol, &config.pool, config.timeouts.connect),
             shed: metrics.shed(&config.name),
             backends,
@@ -113,7 +114,25 @@ impl Upstream {
             .iter()
             .position(|(c, _)| *c == condition)
             .unwrap_or(0);
-        &self.retries[i]
+        &self.retries.by_condition[i]
+    }
+
+    /// The answer when no backend is eligible, counted as shed load:
+    /// `circuit_open` when some backend passes its health checks and only
+    /// its open circuit keeps it out, else `no_healthy_backend`.
+    pub fn no_backend(&self) -> ProxyError {
+        let upstream = self.name.to_string();
+        let held_by_circuit = self
+            .backends
+            .iter()
+            .any(|b| b.is_healthy() && !b.circuit_allows());
+        if held_by_circuit {
+            self.shed.circuit_open.inc();
+            ProxyError::CircuitOpen { upstream }
+        } else {
+            self.shed.no_healthy_backend.inc();
+            ProxyError::NoHealthyBackend { upstream }
+        }
     }
 
     /// Picks an eligible backend not in `tried` and starts a call on it,
