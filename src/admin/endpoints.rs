@@ -7,6 +7,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::config::{BalancerKind, ListenerProtocol};
 use crate::state::Shared;
 
 /// Answers one admin request.
@@ -97,9 +98,16 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                     })
                 })
                 .collect();
+            let discovery = u.config.discovery.as_ref().map(|d| {
+                json!({
+                    "dns": d.to_string(),
+                    "refresh_seconds": d.refresh.as_secs_f64(),
+                })
+            });
             json!({
                 "name": &*u.name,
-                "balancer": "round_robin",
+                "balancer": balancer_name(u.config.balancer),
+                "discovery": discovery,
                 "in_flight": u.limit.current(),
                 "max_in_flight": u.config.max_in_flight,
                 "backends": backends,
@@ -113,7 +121,10 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             json!({
                 "name": &*l.name,
                 "listen": l.config.listen.to_string(),
-                "protocol": "http",
+                "protocol": match l.config.protocol {
+                    ListenerProtocol::Http => "http",
+                    ListenerProtocol::Tcp => "tcp",
+                },
             })
         })
         .collect();
@@ -129,6 +140,16 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "listeners": listeners,
         "upstreams": upstreams,
     })
+}
+
+fn balancer_name(kind: BalancerKind) -> &'static str {
+    match kind {
+        BalancerKind::RoundRobin => "round_robin",
+        BalancerKind::LeastConn => "least_conn",
+        BalancerKind::P2c => "p2c",
+        BalancerKind::ConsistentHash { .. } => "consistent_hash",
+        BalancerKind::Random => "random",
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

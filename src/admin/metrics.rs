@@ -38,6 +38,8 @@ pub struct Metrics {
     circuit_transitions: IntCounterVec,
     retries: IntCounterVec,
     config_last_reload: IntGauge,
+    discovery_failures: IntCounterVec,
+    discovery_backends: IntGaugeVec,
 }
 
 /// Handles for requests of one listener sent to one upstream.
@@ -126,6 +128,14 @@ impl BackendMetrics {
 pub struct ShedMetrics {
     pub overloaded: IntCounter,
     pub no_healthy_backend: IntCounter,
+}
+
+/// Handles for the DNS discovery of one upstream.
+pub struct DiscoveryMetrics {
+    /// Resolutions that failed (the last good set was kept).
+    pub failures: IntCounter,
+    /// Backends the last good resolution found.
+    pub backends: IntGauge,
 }
 
 /// Handles for one listener's connections.
@@ -263,6 +273,16 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            discovery_failures: counter(
+                "sluice_discovery_failures_total",
+                "DNS discovery resolutions that failed; the last good backend set was kept",
+                &["upstream"],
+            ),
+            discovery_backends: gauge(
+                "sluice_discovery_backends",
+                "Backends found by the last good DNS discovery resolution",
+                &["upstream"],
+            ),
             registry: registry.clone(),
         };
         let build = gauge("sluice_build_info", "Sluice version", &["version"]);
@@ -329,6 +349,53 @@ impl Metrics {
                     .with_label_values(&[upstream, backend, s.as_str()])
             }),
         }
+    }
+
+    /// Drops the series of a backend that left its upstream, so a fleet
+    /// whose addresses churn (pods) does not grow the exposition forever.
+    /// Handles still held by its last calls keep working, unexported.
+    pub fn forget_backend(&self, upstream: &str, backend: &str) {
+        for o in Outcome::ALL {
+            let _ = self
+                .upstream_requests
+                .remove_label_values(&[upstream, backend, o.as_str()]);
+        }
+        let _ = self
+            .upstream_request_duration
+            .remove_label_values(&[upstream, backend]);
+        let _ = self
+            .upstream_in_flight
+            .remove_label_values(&[upstream, backend]);
+        let _ = self.backend_up.remove_label_values(&[upstream, backend]);
+        let _ = self.circuit_state.remove_label_values(&[upstream, backend]);
+        for result in ["success", "failure"] {
+            let _ = self
+                .health_checks
+                .remove_label_values(&[upstream, backend, result]);
+        }
+        for to in [
+            CircuitState::Closed,
+            CircuitState::HalfOpen,
+            CircuitState::Open,
+        ] {
+            let _ = self
+                .circuit_transitions
+                .remove_label_values(&[upstream, backend, to.as_str()]);
+        }
+    }
+
+    /// Handles for the DNS discovery of one upstream.
+    pub fn discovery(&self, upstream: &str) -> DiscoveryMetrics {
+        DiscoveryMetrics {
+            failures: self.discovery_failures.with_label_values(&[upstream]),
+            backends: self.discovery_backends.with_label_values(&[upstream]),
+        }
+    }
+
+    /// Drops the discovery series of an upstream that no longer uses it.
+    pub fn forget_discovery(&self, upstream: &str) {
+        let _ = self.discovery_failures.remove_label_values(&[upstream]);
+        let _ = self.discovery_backends.remove_label_values(&[upstream]);
     }
 
     /// The retry counter of one upstream for one reason.

@@ -32,11 +32,16 @@ use crate::state::Shared;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A bound listener socket and what its connections need.
+///
+/// The socket is shared so a reload can hand it to a new accept loop (new
+/// settings, same address) without closing it; `active` counts the
+/// listener's open connections across such hand-overs.
 pub struct BoundListener {
     pub index: usize,
     pub name: Arc<str>,
     pub config: ListenerConfig,
-    pub socket: TcpListener,
+    pub socket: Arc<TcpListener>,
+    pub active: Arc<AtomicUsize>,
 }
 
 impl BoundListener {
@@ -47,7 +52,8 @@ impl BoundListener {
             index,
             name: Arc::from(config.name.as_str()),
             config: config.clone(),
-            socket,
+            socket: Arc::new(socket),
+            active: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -57,7 +63,8 @@ impl BoundListener {
     }
 }
 
-/// Tokens a running listener obeys during shutdown.
+/// Tokens a running listener obeys when it is stopped (shutdown, or a
+/// reload that removes or replaces it).
 #[derive(Clone)]
 pub struct ListenerControl {
     /// Cancelled when the listener must stop accepting.
@@ -70,7 +77,7 @@ pub struct ListenerControl {
 /// Accepts until `control.stop_accepting` is cancelled.
 pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: ListenerControl) {
     let metrics = Arc::new(shared.metrics.listener(&listener.name));
-    let active = Arc::new(AtomicUsize::new(0));
+    let active = Arc::clone(&listener.active);
     let max = listener.config.max_connections;
     let settings = Arc::new(h1::H1Settings {
         header_timeout: listener.config.timeouts.client_header,
