@@ -63,11 +63,14 @@ impl Snapshot {
         registry: &Registry,
         metrics: &Metrics,
     ) -> Snapshot {
+        let previous_by_name: HashMap<&str, &Arc<Upstream>> = previous
+            .map(|p| p.upstreams.iter().map(|u| (&*u.name, u)).collect())
+            .unwrap_or_default();
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
-                let old = previous.and_then(|p| p.upstream(&u.name));
+                let old = previous_by_name.get(u.name.as_str()).copied();
                 match old {
                     Some(old) if old.config == *u => Arc::clone(old),
                     _ => Arc::new(Upstream::from_config(

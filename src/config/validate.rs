@@ -18,7 +18,7 @@ use serde_spanned::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::schema::{
-    did_you_mean, expect_str, expect_table, join_index, Problems, TableReader, Value,
+    did_you_mean, expect_str, expect_table, join_index, join_key, Problems, TableReader, Value,
 };
 use super::{
     AdminConfig, BackendConfig, BalancerKind, Cidr, CircuitBreakerConfig, Config, ConfigSource,
@@ -1049,7 +1049,9 @@ fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<Back
     let mut backends: Vec<(usize, BackendConfig)> = Vec::new();
     let mut complete = true;
     for (i, item) in array.iter().enumerate() {
-        let item_path = join_index(&path, i);
+        // Key paths are built only for problems: a large file has thousands
+        // of backends.
+        let item_path = || join_index(&path, i);
         let Some((backend, span, address_path)) = backend(item, &item_path, problems) else {
             complete = false;
             continue;
@@ -1057,7 +1059,7 @@ fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<Back
         if let Some((first, _)) = backends.iter().find(|(_, b)| b.address == backend.address) {
             problems.push(
                 span,
-                &address_path,
+                &address_path(),
                 format!(
                     "duplicate backend {:?} (same as backends[{first}])",
                     backend.address
@@ -1071,13 +1073,18 @@ fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<Back
     complete.then(|| backends.into_iter().map(|(_, b)| b).collect())
 }
 
-/// One backend, either `"host:port"` or `{ address = "host:port", weight = 3 }`.
-/// Also returns where its address was written and that address's key path.
-fn backend(
+/// One backend, either `"host:port"` or `{ address = "host:port", weight = 3 }`
+/// (`path()` is its key path). Also returns where its address was written
+/// and how to name that address's key path.
+fn backend<'p>(
     item: &Value<'_>,
-    path: &str,
+    path: &'p dyn Fn() -> String,
     problems: &mut Problems,
-) -> Option<(BackendConfig, std::ops::Range<usize>, String)> {
+) -> Option<(
+    BackendConfig,
+    std::ops::Range<usize>,
+    Box<dyn Fn() -> String + 'p>,
+)> {
     match item.get_ref() {
         DeValue::String(address) => {
             let (address, socket_addr) = resolve_backend(problems, address, item.span(), path)?;
@@ -1086,14 +1093,14 @@ fn backend(
                 socket_addr,
                 weight: 1,
             };
-            Some((backend, item.span(), path.to_owned()))
+            Some((backend, item.span(), Box::new(path)))
         }
         DeValue::Table(_) => {
-            let t = expect_table(problems, item, path.to_owned())?;
+            let t = expect_table(problems, item, path())?;
             t.reject_unknown_keys(problems, BACKEND_KEYS, &[]);
             let weight = to_u32(int_in(&t, problems, "weight", 1..=10_000, 1));
             let address = t.required_str(problems, "address")?;
-            let address_path = t.key_path("address");
+            let address_path = move || join_key(&path(), "address");
             let (label, socket_addr) =
                 resolve_backend(problems, address.get_ref(), address.span(), &address_path)?;
             let backend = BackendConfig {
@@ -1101,12 +1108,12 @@ fn backend(
                 socket_addr,
                 weight,
             };
-            Some((backend, address.span(), address_path))
+            Some((backend, address.span(), Box::new(address_path)))
         }
         other => {
             problems.push(
                 item.span(),
-                path,
+                &path(),
                 format!(
                     "expected a \"host:port\" string or a table {{ address, weight }}, found {}",
                     other.type_str()
@@ -1123,7 +1130,7 @@ fn resolve_backend(
     problems: &mut Problems,
     text: &str,
     span: std::ops::Range<usize>,
-    path: &str,
+    path: &dyn Fn() -> String,
 ) -> Option<(String, SocketAddr)> {
     let (host, port) = match split_host_port(text) {
         Ok((_, 0)) => Err("port 0 is not allowed"),
@@ -1132,7 +1139,7 @@ fn resolve_backend(
     .map_err(|why| {
         problems.push(
             span.clone(),
-            path,
+            &path(),
             format!("{text:?} is not host:port ({why})"),
         );
     })
@@ -1146,7 +1153,7 @@ fn resolve_backend(
             let resolved: Vec<SocketAddr> = match (name.as_str(), port).to_socket_addrs() {
                 Ok(addrs) => addrs.collect(),
                 Err(e) => {
-                    problems.push(span, path, format!("cannot resolve {name:?}: {e}"));
+                    problems.push(span, &path(), format!("cannot resolve {name:?}: {e}"));
                     return None;
                 }
             };
@@ -1157,7 +1164,11 @@ fn resolve_backend(
             match preferred {
                 Some(addr) => Some((format!("{name}:{port}"), *addr)),
                 None => {
-                    problems.push(span, path, format!("cannot resolve {name:?}: no addresses"));
+                    problems.push(
+                        span,
+                        &path(),
+                        format!("cannot resolve {name:?}: no addresses"),
+                    );
                     None
                 }
             }

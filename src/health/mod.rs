@@ -82,6 +82,10 @@ impl HealthChecks {
         let mut checkers = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = HashMap::with_capacity(checkers.len());
         for upstream in &snapshot.upstreams {
+            if upstream.config.health_check.is_none() && checkers.is_empty() {
+                // Nothing to start, and nothing of its to stop.
+                continue;
+            }
             for backend in &upstream.backends {
                 let old = checkers.remove(&backend.key);
                 let Some(check) = &upstream.config.health_check else {

@@ -20,7 +20,7 @@ use super::listeners::{self, Source};
 use super::{unix_now, Control, Inner};
 use crate::config::{self, Config, ConfigErrors, DiscoveryConfig};
 use crate::state::Snapshot;
-use crate::upstream::backend::BackendKey;
+use crate::upstream::backend::BackendState;
 
 /// Why a reload kept the old snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -290,12 +290,17 @@ impl Control {
     /// and makes the health checkers follow it.
     fn publish(&self, snapshot: &Arc<Snapshot>) {
         self.shared.snapshot.store(Arc::clone(snapshot));
-        let keep: HashSet<&BackendKey> = snapshot
+        // By identity of the state: a name that resolved to a new address
+        // got new state, and the old one must go.
+        let keep: HashSet<*const BackendState> = snapshot
             .upstreams
             .iter()
-            .flat_map(|u| u.backends.iter().map(|b| &b.key))
+            .flat_map(|u| u.backends.iter().map(Arc::as_ptr))
             .collect();
-        let removed = self.shared.registry.retain(&|k| keep.contains(k));
+        let removed = self
+            .shared
+            .registry
+            .retain(&|state| keep.contains(&Arc::as_ptr(state)));
         for key in &removed {
             self.shared
                 .metrics

@@ -49,13 +49,13 @@ impl Registry {
         }
     }
 
-    /// Forgets every backend not in `keep` and returns their keys; calls in
-    /// flight on them finish on the `Arc`s they hold.
-    pub fn retain(&self, keep: &dyn Fn(&BackendKey) -> bool) -> Vec<BackendKey> {
+    /// Forgets every backend for which `keep` is false and returns their
+    /// keys; calls in flight on them finish on the `Arc`s they hold.
+    pub fn retain(&self, keep: &dyn Fn(&Arc<BackendState>) -> bool) -> Vec<BackendKey> {
         let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = Vec::new();
-        map.retain(|k, _| {
-            let kept = keep(k);
+        map.retain(|k, state| {
+            let kept = keep(state);
             if !kept {
                 removed.push(k.clone());
             }
