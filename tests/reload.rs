@@ -311,6 +311,13 @@ async fn a_slow_request_to_a_removed_backend_completes() {
     let answer = slow.await.expect("task");
     assert_eq!((answer.status.as_u16(), answer.body.as_str()), (200, "a"));
     assert_eq!(a.hits(), 1);
+    // Drained: once its last call ended, its pooled connection closed.
+    wait_until(
+        Duration::from_secs(10),
+        "a's connections closed",
+        || async { a.conns() > 0 && a.closed() == a.conns() },
+    )
+    .await;
     // The removed backend's series are gone from /metrics.
     let m = metrics(&proxy);
     assert!(!m.contains(&a.addr.to_string()), "{m}");
@@ -580,4 +587,51 @@ async fn health_checkers_follow_reloads_without_duplicates() {
     file.replace(&simple_config(&[&a, &c], ""));
     proxy.reload().await.expect("reloaded");
     assert_eq!(proxy.shared().health.len(), 0, "checks removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_only_settings_refuse_the_reload_and_the_rest_follows_it() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let base = simple_config(&[&a], "");
+    let file = ConfigFile::new(&format!(
+        "[shutdown]\ndrain_delay = \"1h\"\ngrace = \"1h\"\n{base}"
+    ));
+    let proxy = file.start().await;
+    let addr = proxy.listener_addr("web").expect("bound");
+
+    let other_admin = simple_config(&[&b], "").replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{}\"", free_addr()),
+    );
+    for (text, what) in [
+        (other_admin, "admin.listen"),
+        (
+            format!("[runtime]\nworkers = 3\n{}", simple_config(&[&b], "")),
+            "runtime.workers",
+        ),
+        (
+            format!("[log]\nformat = \"json\"\n{}", simple_config(&[&b], "")),
+            "log.format",
+        ),
+    ] {
+        file.replace(&text);
+        match proxy.reload().await {
+            Err(ReloadError::NeedsRestart(key)) => assert_eq!(key, what),
+            other => panic!("{what}: {other:?}"),
+        }
+        assert_eq!(get(addr, "/").await.body, "a", "{what}: nothing changed");
+    }
+    assert_eq!(reloads(&proxy, "success"), 1.0);
+
+    // [shutdown] is read when shutdown begins: the reloaded values apply.
+    file.replace(&format!(
+        "[shutdown]\ndrain_delay = \"0s\"\ngrace = \"5s\"\n{}",
+        simple_config(&[&b], "")
+    ));
+    proxy.reload().await.expect("reloaded");
+    assert_eq!(get(addr, "/").await.body, "b");
+    proxy.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), proxy.wait())
+        .await
+        .expect("shut down with the reloaded drain_delay, not the hour it started with");
 }

@@ -1073,6 +1073,9 @@ fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<Back
     complete.then(|| backends.into_iter().map(|(_, b)| b).collect())
 }
 
+/// A key path built only when a problem needs it.
+type LazyPath<'p> = Box<dyn Fn() -> String + 'p>;
+
 /// One backend, either `"host:port"` or `{ address = "host:port", weight = 3 }`
 /// (`path()` is its key path). Also returns where its address was written
 /// and how to name that address's key path.
@@ -1080,11 +1083,7 @@ fn backend<'p>(
     item: &Value<'_>,
     path: &'p dyn Fn() -> String,
     problems: &mut Problems,
-) -> Option<(
-    BackendConfig,
-    std::ops::Range<usize>,
-    Box<dyn Fn() -> String + 'p>,
-)> {
+) -> Option<(BackendConfig, std::ops::Range<usize>, LazyPath<'p>)> {
     match item.get_ref() {
         DeValue::String(address) => {
             let (address, socket_addr) = resolve_backend(problems, address, item.span(), path)?;

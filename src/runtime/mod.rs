@@ -218,7 +218,6 @@ impl Control {
 pub async fn run(mut config: Config) -> Result<Running, RunError> {
     let metrics = Metrics::new();
     let admin_addr = config.admin.listen;
-    let shutdown = config.shutdown.clone();
 
     let admin_socket = TcpListener::bind(admin_addr)
         .await
@@ -315,6 +314,8 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
         tokio::spawn(async move {
             begin.cancelled().await;
             let shared = &control.shared;
+            // The settings of the config running now, reloads included.
+            let shutdown = shared.snapshot.load().config.shutdown.clone();
             shared.set_draining();
             tracing::info!(drain_delay = ?shutdown.drain_delay, grace = ?shutdown.grace, "shutdown started: draining");
             tokio::time::sleep(shutdown.drain_delay).await;

@@ -6,8 +6,8 @@
 //! and the accept loops. Everything that can fail happens before the swap:
 //! on any failure the old snapshot keeps serving, the error is logged with
 //! its location and `sluice_config_reloads_total{result="failure"}` counts
-//! it. `[admin] listen` and `[runtime] workers` are fixed at start; a
-//! reload that changes them is refused as a whole.
+//! it. `admin.listen`, `runtime.workers` and `log.format` are fixed at
+//! start; a reload that changes them is refused as a whole.
 
 use std::collections::HashSet;
 use std::io;
@@ -142,6 +142,9 @@ impl Control {
         }
         if old.config.runtime.workers != new.runtime.workers {
             return Err(ReloadError::NeedsRestart("runtime.workers"));
+        }
+        if old.config.log.format != new.log.format {
+            return Err(ReloadError::NeedsRestart("log.format"));
         }
         // Every bind first: a reload that cannot bind changes nothing.
         let plan = listeners::plan(&inner.listeners, &new.listeners)
