@@ -45,18 +45,6 @@ pub struct BoundListener {
 }
 
 impl BoundListener {
-    /// Binds `config.listen`.
-    pub async fn bind(index: usize, config: &ListenerConfig) -> io::Result<BoundListener> {
-        let socket = TcpListener::bind(config.listen).await?;
-        Ok(BoundListener {
-            index,
-            name: Arc::from(config.name.as_str()),
-            config: config.clone(),
-            socket: Arc::new(socket),
-            active: Arc::new(AtomicUsize::new(0)),
-        })
-    }
-
     /// The address actually bound (the port is known even for `:0`).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
