@@ -158,12 +158,19 @@ impl Control {
             .discovery
             .fill(&mut new, Some(&old), &self.shared.metrics)
             .await;
-        let snapshot = Arc::new(Snapshot::build(
-            new,
-            Some(&old),
-            &self.shared.registry,
-            &self.shared.metrics,
-        ));
+        let snapshot = {
+            let (shared, previous) = (Arc::clone(&self.shared), Arc::clone(&old));
+            off_workers(move || {
+                Arc::new(Snapshot::build(
+                    new,
+                    Some(&previous),
+                    &shared.registry,
+                    &shared.metrics,
+                ))
+            })
+            .await
+            .ok_or(ReloadError::Aborted)?
+        };
 
         // A removed listener stops before the swap: after it, requests on
         // its connections would find no listener in the snapshot.
@@ -183,7 +190,7 @@ impl Control {
                 }
             }
         }
-        self.publish(&snapshot);
+        self.publish(Arc::clone(&snapshot), old).await;
         inner.discovery.reconcile(
             &snapshot.config,
             &self.me,
@@ -268,17 +275,22 @@ impl Control {
         }
         let added = addrs.iter().filter(|a| !current.contains(a)).count();
         let removed = current.iter().filter(|a| !addrs.contains(a)).count();
-        let mut config = (*old.config).clone();
-        config.upstreams[index].backends = backends_of(&addrs);
-        let mut snapshot = Snapshot::build(
-            config,
-            Some(&old),
-            &self.shared.registry,
-            &self.shared.metrics,
-        );
-        // The file was not loaded again.
-        snapshot.loaded_at = old.loaded_at;
-        self.publish(&Arc::new(snapshot));
+        let backends = backends_of(&addrs);
+        let (shared, previous) = (Arc::clone(&self.shared), Arc::clone(&old));
+        let built = off_workers(move || {
+            let mut config = (*previous.config).clone();
+            config.upstreams[index].backends = backends;
+            let mut snapshot =
+                Snapshot::build(config, Some(&previous), &shared.registry, &shared.metrics);
+            // The file was not loaded again.
+            snapshot.loaded_at = previous.loaded_at;
+            Arc::new(snapshot)
+        })
+        .await;
+        let Some(snapshot) = built else {
+            return;
+        };
+        self.publish(snapshot, old).await;
         tracing::info!(
             upstream,
             added,
@@ -288,28 +300,46 @@ impl Control {
         );
     }
 
-    /// Swaps `snapshot` in, then lets go of the backends it no longer has
-    /// (they drain: no new picks, calls in flight finish on their `Arc`)
-    /// and makes the health checkers follow it.
-    fn publish(&self, snapshot: &Arc<Snapshot>) {
-        self.shared.snapshot.store(Arc::clone(snapshot));
-        // By identity of the state: a name that resolved to a new address
-        // got new state, and the old one must go.
-        let keep: HashSet<*const BackendState> = snapshot
-            .upstreams
-            .iter()
-            .flat_map(|u| u.backends.iter().map(Arc::as_ptr))
-            .collect();
-        let removed = self
-            .shared
-            .registry
-            .retain(&|state| keep.contains(&Arc::as_ptr(state)));
-        for key in &removed {
-            self.shared
-                .metrics
-                .forget_backend(&key.upstream, &key.address);
-            tracing::info!(backend = %key, "backend removed: draining");
+    /// Swaps `snapshot` in for `old`, then lets go of the backends it no
+    /// longer has (they drain: no new picks, calls in flight finish on their
+    /// `Arc`) and makes the health checkers follow it.
+    async fn publish(&self, snapshot: Arc<Snapshot>, old: Arc<Snapshot>) {
+        let shared = Arc::clone(&self.shared);
+        let done = off_workers(move || {
+            shared.snapshot.store(Arc::clone(&snapshot));
+            // By identity of the state: a name that resolved to a new
+            // address got new state, and the old one must go.
+            let keep: HashSet<*const BackendState> = snapshot
+                .upstreams
+                .iter()
+                .flat_map(|u| u.backends.iter().map(Arc::as_ptr))
+                .collect();
+            let removed = shared
+                .registry
+                .retain(&|state| keep.contains(&Arc::as_ptr(state)));
+            for key in &removed {
+                shared.metrics.forget_backend(&key.upstream, &key.address);
+                tracing::debug!(backend = %key, "backend removed: draining");
+            }
+            if !removed.is_empty() {
+                tracing::info!(backends = removed.len(), "backends removed: draining");
+            }
+            shared.health.reconcile(&snapshot);
+            // Often the last owner of the removed backends' state: freed
+            // here too.
+            drop(old);
+        })
+        .await;
+        if done.is_none() {
+            tracing::error!("swapping in the new config did not finish");
         }
-        self.shared.health.reconcile(snapshot);
     }
+}
+
+/// Runs `work` on the blocking pool and waits for it: building and retiring
+/// the snapshots of a large config is CPU work that must not stall the
+/// workers serving requests. `None` if it did not finish (a panic, or the
+/// runtime shutting down).
+async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(work).await.ok()
 }
