@@ -48,12 +48,12 @@ impl Control {
     pub async fn reload(&self) -> Result<(), ReloadError> {
         let mut inner = self.inner.lock().await;
         let path = self.shared.snapshot.load().config.source.path.clone();
-        let result = match config::read_file(&path) {
+        let result = match read(&path).await {
             Ok(text) => {
                 inner.last_tried = Some(config::content_hash(&text));
                 self.load_and_apply(&mut inner, text, &path).await
             }
-            Err(errors) => Err(errors.into()),
+            Err(err) => Err(err),
         };
         self.record(&path, &result);
         result
@@ -67,10 +67,10 @@ impl Control {
         let mut inner = self.inner.lock().await;
         let running = self.shared.snapshot.load_full();
         let path = running.config.source.path.clone();
-        let text = match config::read_file(&path) {
+        let text = match read(&path).await {
             Ok(text) => text,
-            Err(errors) => {
-                let result = Err(errors.into());
+            Err(err) => {
+                let result = Err(err);
                 self.record(&path, &result);
                 return Some(result);
             }
@@ -102,8 +102,9 @@ impl Control {
     ) -> Result<(), ReloadError> {
         let file = path.display().to_string();
         // Validation resolves backend host names: keep it off the workers.
-        let parsed = tokio::task::spawn_blocking(move || config::from_str(&text, &file)).await;
-        let config = parsed.map_err(|_| ReloadError::Aborted)??;
+        let config = off_workers(move || config::from_str(&text, &file))
+            .await
+            .ok_or(ReloadError::Aborted)??;
         self.apply_locked(inner, config).await
     }
 
@@ -334,6 +335,15 @@ impl Control {
             tracing::error!("swapping in the new config did not finish");
         }
     }
+}
+
+/// The text of the config file, read on the blocking pool.
+async fn read(path: &Path) -> Result<String, ReloadError> {
+    let path = path.to_path_buf();
+    off_workers(move || config::read_file(&path))
+        .await
+        .ok_or(ReloadError::Aborted)?
+        .map_err(ReloadError::from)
 }
 
 /// Runs `work` on the blocking pool and waits for it: building and retiring
