@@ -577,7 +577,9 @@ async fn health_checkers_follow_reloads_without_duplicates() {
         proxy.reload().await.expect("reloaded");
         assert_eq!(proxy.shared().health.len(), set.len(), "round {round}");
     }
-    // The last set is c alone: a and b are no longer probed.
+    // The last set is c alone: a and b are no longer probed (after a probe
+    // that was already connecting when its checker stopped lands).
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let (a_probes, b_probes) = (a.conns(), b.conns());
     let c_probes = c.conns();
     tokio::time::sleep(Duration::from_millis(400)).await;
