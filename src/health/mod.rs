@@ -1,22 +1,24 @@
 //! Active health checks: one probe task per backend, on its interval with
 //! jitter, flipping the backend's health after enough consecutive results.
 //!
-//! The tasks belong to a [`HealthChecks`] handle in the shared state: each
-//! config snapshot (start or reload) replaces them as a whole, so a reload
-//! never leaves a duplicate or orphaned checker. Health itself lives in the
-//! backend's long-lived state, so it survives reloads.
+//! The tasks belong to a [`HealthChecks`] handle in the shared state, keyed
+//! by backend identity: each new snapshot (a reload or a discovery update)
+//! is reconciled against them, so unchanged backends keep their task, and a
+//! reload never leaves a duplicate or orphaned checker. Health itself lives
+//! in the backend's long-lived state, so it survives reloads.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{HealthCheckConfig, HealthCheckKind};
 use crate::state::Snapshot;
-use crate::upstream::backend::BackendState;
+use crate::upstream::backend::{BackendKey, BackendState};
 
 /// Consecutive results of one backend's checks and its current verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,55 +59,80 @@ impl Thresholds {
     }
 }
 
-/// The running health-check tasks of the current snapshot.
+/// The running health-check tasks, one per checked backend of the current
+/// snapshot.
 #[derive(Default)]
 pub struct HealthChecks {
-    current: Mutex<Option<CancellationToken>>,
+    checkers: Mutex<HashMap<BackendKey, Checker>>,
+}
+
+/// One backend's probe task; dropping it stops the task.
+struct Checker {
+    backend: Arc<BackendState>,
+    check: HealthCheckConfig,
+    _stop: DropGuard,
 }
 
 impl HealthChecks {
-    /// Stops the running checkers and starts one per backend of every
-    /// upstream of `snapshot` that has `health_check`. Needs a tokio runtime.
-    pub fn restart(&self, snapshot: &Snapshot) {
-        let token = CancellationToken::new();
+    /// Makes the running checkers match `snapshot`: a backend whose state
+    /// and check settings are unchanged keeps its task (and its count of
+    /// consecutive results); removed backends' tasks stop; new or changed
+    /// ones start. Never two tasks for one backend. Needs a tokio runtime.
+    pub fn reconcile(&self, snapshot: &Snapshot) {
+        let mut checkers = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = HashMap::with_capacity(checkers.len());
         for upstream in &snapshot.upstreams {
-            let Some(check) = &upstream.config.health_check else {
-                // Checks removed by a reload: nothing holds these down now.
-                for backend in &upstream.backends {
-                    backend.set_healthy(true);
-                }
+            if upstream.config.health_check.is_none() && checkers.is_empty() {
+                // Nothing to start, and nothing of its to stop.
                 continue;
-            };
+            }
             for backend in &upstream.backends {
-                tokio::spawn(run(Arc::clone(backend), check.clone(), token.child_token()));
+                let old = checkers.remove(&backend.key);
+                let Some(check) = &upstream.config.health_check else {
+                    if old.is_some() {
+                        // Checks removed by a reload: nothing holds it down now.
+                        backend.set_healthy(true);
+                    }
+                    continue;
+                };
+                let checker = match old {
+                    Some(c) if Arc::ptr_eq(&c.backend, backend) && c.check == *check => c,
+                    _ => {
+                        let stop = CancellationToken::new();
+                        tokio::spawn(run(Arc::clone(backend), check.clone(), stop.clone()));
+                        Checker {
+                            backend: Arc::clone(backend),
+                            check: check.clone(),
+                            _stop: stop.drop_guard(),
+                        }
+                    }
+                };
+                next.insert(backend.key.clone(), checker);
             }
         }
-        let old = self
-            .current
+        // What is left belongs to removed backends: dropping stops them.
+        *checkers = next;
+    }
+
+    /// How many checker tasks run.
+    pub fn len(&self) -> usize {
+        self.checkers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .replace(token);
-        if let Some(old) = old {
-            old.cancel();
-        }
+            .len()
+    }
+
+    /// Whether no checker runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Stops every checker.
     pub fn stop(&self) {
-        if let Some(token) = self
-            .current
+        self.checkers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            token.cancel();
-        }
-    }
-}
-
-impl Drop for HealthChecks {
-    fn drop(&mut self) {
-        self.stop();
+            .clear();
     }
 }
 

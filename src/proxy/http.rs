@@ -115,7 +115,7 @@ pub async fn handle(
         &mut parts,
         conn,
         listener,
-        upstream.client.protocol(),
+        upstream.config.protocol,
         upgrade,
     ) {
         return error_response(&err, Some(exchange));
@@ -184,7 +184,10 @@ pub async fn handle(
         exchange.attempts = attempt;
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = timeouts.per_try.min(left);
-        let sent = tokio::time::timeout(limit, upstream.client.send(backend.addr, request)).await;
+        // The send future owns what it needs: the client guard is released
+        // before waiting.
+        let sending = backend.client().send(backend.addr, request);
+        let sent = tokio::time::timeout(limit, sending).await;
         let result = match sent {
             Ok(result) => result,
             Err(_) => Err(ProxyError::Timeout {

@@ -33,32 +33,27 @@ use crate::state::Shared;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A bound listener socket and what its connections need.
+///
+/// The socket is shared so a reload can hand it to a new accept loop (new
+/// settings, same address) without closing it; `active` counts the
+/// listener's open connections across such hand-overs.
 pub struct BoundListener {
     pub index: usize,
     pub name: Arc<str>,
     pub config: ListenerConfig,
-    pub socket: TcpListener,
+    pub socket: Arc<TcpListener>,
+    pub active: Arc<AtomicUsize>,
 }
 
 impl BoundListener {
-    /// Binds `config.listen`.
-    pub async fn bind(index: usize, config: &ListenerConfig) -> io::Result<BoundListener> {
-        let socket = TcpListener::bind(config.listen).await?;
-        Ok(BoundListener {
-            index,
-            name: Arc::from(config.name.as_str()),
-            config: config.clone(),
-            socket,
-        })
-    }
-
     /// The address actually bound (the port is known even for `:0`).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 }
 
-/// Tokens a running listener obeys during shutdown.
+/// Tokens a running listener obeys when it is stopped (shutdown, or a
+/// reload that removes or replaces it).
 #[derive(Clone)]
 pub struct ListenerControl {
     /// Cancelled when the listener must stop accepting.
@@ -78,8 +73,9 @@ struct ListenerCtx {
     proxy_protocol: bool,
     settings: h1::H1Settings,
     metrics: ListenerMetrics,
-    /// Connections open now, against `max_connections`.
-    active: AtomicUsize,
+    /// Connections open now, against `max_connections` (shared with the
+    /// accept loops that take this listener's socket over on a reload).
+    active: Arc<AtomicUsize>,
     close: CancellationToken,
     /// Idle HTTP/1 connections parked off the runtime; `None` if the epoll
     /// set could not be made (connections then idle on their tasks).
@@ -117,7 +113,7 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
             idle_timeout: listener.config.timeouts.idle,
             ..h1::H1Settings::default()
         },
-        active: AtomicUsize::new(0),
+        active: Arc::clone(&listener.active),
         close: control.close_connections.clone(),
         parking,
         tracker: control.tracker.clone(),

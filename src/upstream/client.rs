@@ -1,8 +1,10 @@
 //! The one place a request leaves for a backend.
 //!
-//! Each upstream has an [`UpstreamClient`]: a pooled hyper client (HTTP/1.1
+//! Each backend has an [`UpstreamClient`]: a pooled hyper client (HTTP/1.1
 //! keep-alive or h2c) whose connector connects to the backend address in the
-//! request URI under the connect timeout. Transport errors are classified
+//! request URI under the connect timeout. It lives in the backend's
+//! long-lived state, so its pooled connections survive a reload and close
+//! when a removed backend's last call ends. Transport errors are classified
 //! into [`ProxyError`] here.
 
 use std::future::Future;
@@ -71,17 +73,46 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A pooled client for the backends of one upstream.
+/// What a client is built from: a change to any of it needs a new client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSettings {
+    pub protocol: UpstreamProtocol,
+    pub pool: PoolConfig,
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    /// The defaults of an upstream's `protocol`, `pool` and
+    /// `timeouts.connect`.
+    fn default() -> Self {
+        ClientSettings {
+            protocol: UpstreamProtocol::Http1,
+            pool: PoolConfig {
+                max_idle_per_backend: 64,
+                idle_timeout: Duration::from_secs(90),
+            },
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A pooled client for one backend.
 #[derive(Clone)]
 pub struct UpstreamClient {
     inner: Client<Connector, RequestBody>,
-    protocol: UpstreamProtocol,
+    settings: ClientSettings,
 }
 
 impl UpstreamClient {
     /// A client speaking `protocol`, keeping up to `pool.max_idle_per_backend`
-    /// idle connections per backend for `pool.idle_timeout`.
-    pub fn new(protocol: UpstreamProtocol, pool: &PoolConfig, connect_timeout: Duration) -> Self {
+    /// idle connections for `pool.idle_timeout`.
+    pub fn new(settings: ClientSettings) -> Self {
+        let ClientSettings {
+            protocol,
+            pool,
+            connect_timeout,
+        } = &settings;
+        let (protocol, connect_timeout) = (*protocol, *connect_timeout);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -91,23 +122,24 @@ impl UpstreamClient {
             .http2_only(protocol == UpstreamProtocol::H2);
         UpstreamClient {
             inner: builder.build(Connector { connect_timeout }),
-            protocol,
+            settings,
         }
     }
 
-    /// The protocol requests are sent with.
-    pub fn protocol(&self) -> UpstreamProtocol {
-        self.protocol
+    /// What this client was built from.
+    pub fn settings(&self) -> &ClientSettings {
+        &self.settings
     }
 
     /// Sends `req` (its URI names the backend) and returns the response head
-    /// with a streaming body.
-    pub async fn send(
+    /// with a streaming body. The future does not borrow the client.
+    pub fn send(
         &self,
         addr: SocketAddr,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        self.inner.request(req).await.map_err(|e| classify(addr, e))
+    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static {
+        let sending = self.inner.request(req);
+        async move { sending.await.map_err(|e| classify(addr, e)) }
     }
 }
 

@@ -1,6 +1,7 @@
-//! Upstreams: a named group of backends with a balancer, limits and a
-//! pooled client. Built once per snapshot; the per-backend state inside
-//! comes from the registry and outlives the snapshot.
+//! Upstreams: a named group of backends with a balancer and limits. Built
+//! once per snapshot (or carried over whole when a reload leaves it
+//! unchanged); the per-backend state inside, pooled client included, comes
+//! from the registry and outlives the snapshot.
 
 pub mod backend;
 pub mod client;
@@ -15,7 +16,7 @@ use crate::proxy::error::ProxyError;
 use crate::resilience::limit::InFlightLimit;
 use crate::resilience::retry::{RetryBudget, RetryOn};
 use backend::{BackendKey, BackendState, RequestGuard};
-use client::UpstreamClient;
+use client::ClientSettings;
 use prometheus::IntCounter;
 use registry::Registry;
 
@@ -30,14 +31,26 @@ pub struct Upstream {
     /// Caps the retries this upstream adds.
     pub budget: RetryBudget,
     retries: RetryMetrics,
-    pub client: UpstreamClient,
     pub shed: ShedMetrics,
 }
 
 impl Upstream {
     /// Builds the upstream, taking backend state from `registry`.
-    pub fn from_config(config: &UpstreamConfig, registry: &Registry, metrics: &Metrics) -> Self {
+    /// `previous` is the upstream of the same name in the snapshot being
+    /// replaced: its in-flight count carries over, so `max_in_flight` holds
+    /// across a reload.
+    pub fn from_config(
+        config: &UpstreamConfig,
+        previous: Option<&Upstream>,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) -> Self {
         let name: Arc<str> = Arc::from(config.name.as_str());
+        let client = ClientSettings {
+            protocol: config.protocol,
+            pool: config.pool.clone(),
+            connect_timeout: config.timeouts.connect,
+        };
         let backends: Vec<_> = config
             .backends
             .iter()
@@ -46,14 +59,18 @@ impl Upstream {
                     upstream: Arc::clone(&name),
                     address: Arc::from(b.address.as_str()),
                 };
-                let state = registry.get_or_create(key, b.socket_addr, metrics);
+                let state = registry.get_or_create(key, b.socket_addr, metrics, &client);
                 state.configure_breaker(config.circuit_breaker.as_ref());
+                state.configure_client(&client);
                 state
             })
             .collect();
         let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
         let addresses: Vec<&str> = config.backends.iter().map(|b| b.address.as_str()).collect();
-        let limit = InFlightLimit::new(config.max_in_flight);
+        let limit = match previous {
+            Some(p) => InFlightLimit::sharing(config.max_in_flight, p.limit.counter()),
+            None => InFlightLimit::new(config.max_in_flight),
+        };
         let balancer = balance::build(
             config.balancer,
             &weights,
@@ -66,7 +83,6 @@ impl Upstream {
             limit,
             budget: RetryBudget::new(config.retry.budget),
             retries: metrics.retries(&config.name),
-            client: UpstreamClient::new(config.protocol, &config.pool, config.timeouts.connect),
             shed: metrics.shed(&config.name),
             backends,
             name,
