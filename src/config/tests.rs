@@ -666,6 +666,37 @@ fn duplicate_names_are_rejected() {
 }
 
 #[test]
+fn listeners_may_not_share_a_port_with_each_other_or_the_admin() {
+    let text = format!(
+        "{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9901\"\n\
+         [[listener]]\nname = \"any\"\nlisten = \"0.0.0.0:8080\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"adm\"\nlisten = \"127.0.0.1:9901\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"other\"\nlisten = \"127.0.0.2:8080\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"ephemeral\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"ephemeral2\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n"
+    );
+    let errors = errors(&text);
+    let got: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e.path.as_str(), e.message.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "listener[1].listen",
+                "0.0.0.0:8080 overlaps listener[0].listen (127.0.0.1:8080): each listener needs its own port"
+            ),
+            (
+                "listener[2].listen",
+                "127.0.0.1:9901 overlaps admin.listen (127.0.0.1:9901): each listener needs its own port"
+            ),
+        ],
+        "127.0.0.2:8080 overlaps neither; port 0 is always free"
+    );
+}
+
+#[test]
 fn names_use_a_restricted_charset() {
     // Renames the upstream and the listener's reference to it.
     let error = one_error(&MINIMAL.replace("\"app\"", "\"my app\""));

@@ -162,6 +162,7 @@ pub(super) fn config(
         .iter()
         .map(|t| listener(t, &known, &sends_proxy, problems))
         .collect();
+    reject_shared_addresses(&listener_tables, &listeners, admin.listen, problems);
 
     Some(Config {
         source,
@@ -323,6 +324,42 @@ fn reject_duplicate_names(tables: &[TableReader<'_, '_>], kind: &str, problems: 
 
 // ---------------------------------------------------------------------------
 // Listeners and routes
+
+/// Listeners bind with `SO_REUSEPORT` (so a new process can take over while
+/// the old one drains), which would let two listeners of one config share a
+/// port silently: reject listen addresses that overlap each other or the
+/// admin address (same port, and the same ip or either unspecified).
+fn reject_shared_addresses(
+    tables: &[TableReader<'_, '_>],
+    listeners: &[Option<ListenerConfig>],
+    admin: SocketAddr,
+    problems: &mut Problems,
+) {
+    let overlap = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    let mut seen: Vec<(SocketAddr, String)> = vec![(admin, "admin.listen".to_owned())];
+    for (t, l) in tables.iter().zip(listeners) {
+        let Some(l) = l else { continue };
+        let path = t.key_path("listen");
+        match seen.iter().find(|(addr, _)| overlap(*addr, l.listen)) {
+            Some((addr, other)) => {
+                let span = t.get("listen").map_or_else(|| t.span(), |v| v.span());
+                problems.push(
+                    span,
+                    &path,
+                    format!(
+                        "{} overlaps {other} ({addr}): each listener needs its own port",
+                        l.listen
+                    ),
+                );
+            }
+            None => seen.push((l.listen, path)),
+        }
+    }
+}
 
 fn listener(
     t: &TableReader<'_, '_>,

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
+use crate::proxy::listener::listen_shared;
 
 /// One running accept loop and its socket.
 pub(super) struct RunningListener {
@@ -124,7 +125,7 @@ pub(super) async fn plan(
                     addr: l.listen,
                     source,
                 };
-                let socket = TcpListener::bind(l.listen).await.map_err(bind)?;
+                let socket = listen_shared(l.listen).map_err(bind)?;
                 let addr = socket.local_addr().map_err(bind)?;
                 (Arc::new(socket), addr)
             }

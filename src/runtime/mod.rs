@@ -212,6 +212,12 @@ impl Control {
         self.background.cancel();
         self.stop_accepting.cancel();
         self.accept_tasks.close();
+        // Each accept loop now holds the last handle to its socket, so the
+        // socket closes right after the loop has taken what the kernel had
+        // queued: with SO_REUSEPORT, connections the kernel queues on a
+        // socket that stays open unaccepted are reset when it finally
+        // closes instead of going to the process taking over.
+        inner.listeners.clear();
     }
 }
 
