@@ -42,8 +42,32 @@ pub struct ConnInfo {
     /// The address the client connected to (from a PROXY header when
     /// there was one).
     pub destination: SocketAddr,
+    /// Set on connections that came in over TLS.
+    pub tls: Option<Arc<TlsInfo>>,
+}
+
+/// What the TLS handshake of a client connection established.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    /// The subject of the client certificate the handshake verified
+    /// (`listener.tls.client_ca`), for the access log.
+    pub client_subject: Option<Arc<str>>,
+}
+
+impl ConnInfo {
     /// `http` or `https`, for X-Forwarded-Proto.
-    pub scheme: &'static str,
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The verified client certificate's subject, on a TLS connection.
+    pub fn client_subject(&self) -> Option<Arc<str>> {
+        self.tls.as_ref()?.client_subject.clone()
+    }
 }
 
 const SLUICE_ERROR: HeaderName = HeaderName::from_static("sluice-error");
@@ -158,7 +182,7 @@ pub async fn handle(
                 (parts, RequestBody::Empty)
             }
         };
-        parts.uri = match target(&parts.uri, &backend) {
+        parts.uri = match target(&parts.uri, upstream.client.scheme(), &backend) {
             Ok(uri) => uri,
             Err(err) => {
                 guard.abandon();
@@ -328,6 +352,7 @@ fn request_log(
     entry.method = Some(parts.method.clone());
     entry.host = request_host(parts).map(str::to_owned);
     entry.path = Some(parts.uri.path().to_owned());
+    entry.client_subject = conn.client_subject();
     RequestLog {
         sink: Arc::clone(&shared.access_log),
         entry: Box::new(entry),
@@ -354,6 +379,7 @@ pub fn record_refused(shared: &Shared, conn: &ConnInfo, status: u16, reason: &'s
         );
         entry.status = Some(status);
         entry.error = Some(reason);
+        entry.client_subject = conn.client_subject();
         shared.access_log.record(Box::new(entry));
     }
 }
@@ -442,7 +468,7 @@ fn rewrite_request(
     if !trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
         parts
             .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme()));
     }
     if !trusted || !parts.headers.contains_key(&X_FORWARDED_HOST) {
         match parts.headers.get(header::HOST).cloned() {
@@ -455,18 +481,21 @@ fn rewrite_request(
         }
     }
 
+    // With `auto` the connection decides (ALPN); the HTTP/2 client takes
+    // an HTTP/1.1 request as it is.
     parts.version = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => Version::HTTP_11,
         UpstreamProtocol::H2 => Version::HTTP_2,
     };
     Ok(())
 }
 
-/// Points the request at `backend`: an absolute URI with its address.
-fn target(uri: &Uri, backend: &BackendState) -> Result<Uri, ProxyError> {
+/// Points the request at `backend`: an absolute URI with its address
+/// (`https` when the upstream has TLS).
+fn target(uri: &Uri, scheme: http::uri::Scheme, backend: &BackendState) -> Result<Uri, ProxyError> {
     let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(backend.authority.clone())
         .path_and_query(path)
         .build()

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::config::{self, Config, ConfigErrors, ListenerConfig};
+use crate::config::{self, Config, ConfigErrors, ListenerConfig, ListenerTlsConfig};
 use crate::state::{Shared, Snapshot};
 use crate::upstream::backend::BackendKey;
 
@@ -18,7 +18,7 @@ use crate::upstream::backend::BackendKey;
 pub enum ReloadError {
     #[error("invalid config:\n{0}")]
     Invalid(#[from] ConfigErrors),
-    #[error("{0} changed: listener addresses, protocols, limits and timeouts, [admin] and [runtime] take effect only at restart")]
+    #[error("{0} changed: listener addresses, protocols, limits, timeouts and tls, [admin] and [runtime] take effect only at restart")]
     NeedsRestart(&'static str),
 }
 
@@ -51,6 +51,9 @@ pub fn apply(shared: &Shared, new: Config) -> Result<(), ReloadError> {
             l.max_connections,
             l.timeouts.client_header,
             l.timeouts.idle,
+            // Set up when the listener starts; the files' contents are
+            // reloaded by the listener itself when they change.
+            l.tls.as_ref().map(ListenerTlsConfig::setup),
         )
     };
     let old_listeners: Vec<_> = old.config.listeners.iter().map(fixed).collect();

@@ -14,6 +14,7 @@ use crate::config::UpstreamConfig;
 use crate::proxy::error::ProxyError;
 use crate::resilience::limit::InFlightLimit;
 use crate::resilience::retry::{RetryBudget, RetryOn};
+use crate::tls::client::UpstreamTls;
 use backend::{BackendKey, BackendState, RequestGuard};
 use client::UpstreamClient;
 use prometheus::IntCounter;
@@ -66,7 +67,16 @@ impl Upstream {
             limit,
             budget: RetryBudget::new(config.retry.budget),
             retries: metrics.retries(&config.name),
-            client: UpstreamClient::new(config.protocol, &config.pool, config.timeouts.connect),
+            client: UpstreamClient::new(
+                &config.name,
+                config.protocol,
+                &config.pool,
+                config.timeouts.connect,
+                config
+                    .tls
+                    .as_ref()
+                    .map(|tls| Arc::new(UpstreamTls::new(tls, config.protocol, &config.backends))),
+            ),
             shed: metrics.shed(&config.name),
             backends,
             name,

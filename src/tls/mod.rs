@@ -1,0 +1,27 @@
+//! TLS with rustls and its ring crypto provider.
+//!
+//! * `files.rs`: reading and checking PEM certificate, key and CA files
+//!   (used by config validation and by the certificate reload).
+//! * `server.rs`: termination on listeners: the certificate picked by SNI,
+//!   ALPN, client certificates, and the reload of changed files.
+//! * `client.rs`: TLS to backends, verified against the system's or a
+//!   given CA, with an optional client certificate.
+//!
+//! Where TLS meets the data path: the listener runs the handshake
+//! (`proxy/listener.rs`), the upstream connector wraps backend connections
+//! (`upstream/client.rs`), the health checks probe over it
+//! (`health/mod.rs`).
+
+pub mod client;
+pub mod files;
+pub mod server;
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+
+/// The crypto provider of every TLS config Sluice builds: ring, with its
+/// default cipher suites, key exchanges and signature algorithms.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
