@@ -317,6 +317,90 @@ async fn pipelined_requests_decrypted_in_one_read_are_all_answered() {
 }
 
 #[tokio::test]
+async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
+    let backend = Backend::start("b1").await;
+    let pki = Pki::new("Sluice Test CA");
+    let site = pki.server("site", &["site.test"], "site.test");
+    let text = tls_config(
+        &backend,
+        &format!("{{ certificates = {} }}", certs(&[&site])),
+    )
+    .replace("tls = ", "proxy_protocol = true\ntls = ");
+    let proxy = start_proxy(&text).await;
+    let addr = proxy.listener_addr("web").expect("web");
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n")
+        .await
+        .expect("proxy header");
+    let name = rustls::pki_types::ServerName::try_from("site.test").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(pki.client_config(&["h2"])))
+        .connect(name, tcp)
+        .await
+        .expect("handshake after the header");
+    let mut sender = Sender::over(tls).await.expect("http handshake");
+    let answer = sender.get("site.test", "/headers").await.expect("answer");
+    assert!(
+        answer.body.contains("x-forwarded-for: 203.0.113.7"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains("x-forwarded-proto: https"),
+        "{}",
+        answer.body
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_runs_over_the_tls_connection() {
+    let backend = Backend::start("b1").await;
+    let pki = Pki::new("Sluice Test CA");
+    let site = pki.server("site", &["site.test"], "site.test");
+    let proxy = start_proxy(&tls_config(
+        &backend,
+        &format!("{{ certificates = {} }}", certs(&[&site])),
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("web");
+
+    let mut stream = tls_connect(addr, "site.test", pki.client_config(&["http/1.1"]))
+        .await
+        .expect("handshake");
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nhost: site.test\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("101 in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed early: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    for msg in [&b"ping"[..], b"second frame"] {
+        stream.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test]
 async fn a_silent_client_is_closed_after_client_header_and_counted() {
     let backend = Backend::start("b1").await;
     let pki = Pki::new("Sluice Test CA");
