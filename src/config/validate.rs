@@ -1234,7 +1234,7 @@ fn listener_tls(
     let loaded: Vec<files::CertKey> = certificates.iter().map(|c| c.loaded.clone()).collect();
     let auth = client_auth.as_ref().map(|c| (&c.loaded, c.required));
     if let Err(e) = tls::server::build_config(&loaded, &alpn, auth, None) {
-        problems.push(t.span(), t.path(), e.to_string());
+        problems.push(t.span(), t.path(), tls::with_causes(&e));
         return None;
     }
     Some(ListenerTlsConfig {

@@ -141,7 +141,11 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
                 Handshake::Tls(acceptor)
             }
             Err(err) => {
-                tracing::error!(listener = &*listener.name, error = %err, "cannot set up tls; closing every connection");
+                tracing::error!(
+                    listener = &*listener.name,
+                    error = %crate::tls::with_causes(&err),
+                    "cannot set up tls; closing every connection"
+                );
                 Handshake::Unavailable
             }
         },

@@ -46,8 +46,12 @@ pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub enum TlsSetupError {
     #[error(transparent)]
     File(#[from] FileError),
-    #[error("tls setup failed: {0}")]
-    Rustls(String),
+    #[error("no certificate")]
+    NoCertificate,
+    #[error("tls 1.2 and 1.3 are not available")]
+    Versions(#[source] rustls::Error),
+    #[error("client_ca cannot verify client certificates")]
+    ClientVerifier(#[source] rustls::server::VerifierBuilderError),
 }
 
 /// Builds the rustls server config of a listener from checked certificates
@@ -62,11 +66,10 @@ pub fn build_config(
     sessions: Option<Arc<dyn StoresServerSessions>>,
 ) -> Result<ServerConfig, TlsSetupError> {
     let provider = super::provider();
-    let resolver = SniResolver::new(certificates)
-        .ok_or_else(|| TlsSetupError::Rustls("no certificate".to_owned()))?;
+    let resolver = SniResolver::new(certificates).ok_or(TlsSetupError::NoCertificate)?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?;
+        .map_err(TlsSetupError::Versions)?;
     let builder = match client_auth {
         None => builder.with_no_client_auth(),
         Some((ca, required)) => {
@@ -75,9 +78,7 @@ pub fn build_config(
             if !required {
                 verifier = verifier.allow_unauthenticated();
             }
-            let verifier = verifier
-                .build()
-                .map_err(|e| TlsSetupError::Rustls(format!("client_ca: {e}")))?;
+            let verifier = verifier.build().map_err(TlsSetupError::ClientVerifier)?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -248,7 +249,7 @@ impl TlsAcceptor {
                     failed.inc();
                     tracing::error!(
                         listener = &*listener,
-                        error = %err,
+                        error = %super::with_causes(&err),
                         "tls certificate reload failed; keeping the certificates in use"
                     );
                     broken = Some(seen);
