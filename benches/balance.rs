@@ -9,6 +9,7 @@ use sluice::admin::metrics::Metrics;
 use sluice::balance::{self, Balancer, ConsistentHash};
 use sluice::config::{BalancerKind, DEFAULT_VNODES};
 use sluice::upstream::backend::{BackendKey, BackendState};
+use sluice::upstream::client::ClientSettings;
 
 fn backends(n: usize, metrics: &Metrics) -> Vec<Arc<BackendState>> {
     (0..n)
@@ -23,6 +24,7 @@ fn backends(n: usize, metrics: &Metrics) -> Vec<Arc<BackendState>> {
                 key,
                 sock,
                 metrics.backend("bench", &addr),
+                ClientSettings::default(),
             ))
         })
         .collect()

@@ -33,7 +33,8 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = config::from_str(&text, "<demo>")?;
     let running = runtime::run(config).await?;
     let signals = runtime::signals::Signals::install()?;
-    let signals = tokio::spawn(signals.run(running.shared().clone(), running.shutdown_token()));
+    let signals =
+        tokio::spawn(signals.run(Arc::clone(running.control()), running.shutdown_token()));
     let proxy = running
         .listener_addr("demo")
         .unwrap_or_else(|| LISTEN.parse().expect("literal"));

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::{self, LogFormat};
@@ -112,7 +113,8 @@ async fn serve(config: config::Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let signals = tokio::spawn(signals.run(running.shared().clone(), running.shutdown_token()));
+    let signals =
+        tokio::spawn(signals.run(Arc::clone(running.control()), running.shutdown_token()));
     announce_ready(&running);
     running.wait().await;
     signals.abort();
@@ -122,7 +124,7 @@ async fn serve(config: config::Config) -> ExitCode {
 /// The single `ready` event, listing the bound addresses (tests wait on it).
 fn announce_ready(running: &runtime::Running) {
     let listeners = running
-        .listeners
+        .listeners()
         .iter()
         .map(|(name, addr)| format!("{name}={addr}"))
         .collect::<Vec<_>>()

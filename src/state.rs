@@ -55,11 +55,33 @@ impl ListenerRuntime {
 impl Snapshot {
     /// Builds a snapshot, taking backend state from `registry` (creating what
     /// is new) and resolving every metric handle the data path will touch.
-    pub fn build(config: Config, registry: &Registry, metrics: &Metrics) -> Snapshot {
+    /// An upstream whose config is unchanged from `previous` (the snapshot
+    /// being replaced) is carried over whole: its balancer, limits and retry
+    /// budget keep going as if nothing happened.
+    pub fn build(
+        config: Config,
+        previous: Option<&Snapshot>,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) -> Snapshot {
+        let previous_by_name: HashMap<&str, &Arc<Upstream>> = previous
+            .map(|p| p.upstreams.iter().map(|u| (&*u.name, u)).collect())
+            .unwrap_or_default();
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::from_config(u, registry, metrics)))
+            .map(|u| {
+                let old = previous_by_name.get(u.name.as_str()).copied();
+                match old {
+                    Some(old) if old.config == *u => Arc::clone(old),
+                    _ => Arc::new(Upstream::from_config(
+                        u,
+                        old.map(|o| &**o),
+                        registry,
+                        metrics,
+                    )),
+                }
+            })
             .collect();
         let by_name: HashMap<&str, usize> = config
             .upstreams
@@ -106,6 +128,11 @@ impl Snapshot {
         }
     }
 
+    /// The upstream called `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| &*u.name == name)
+    }
+
     /// The listener a connection was accepted on: by index, checked by name
     /// (a reload may have moved it).
     pub fn listener(&self, index: usize, name: &str) -> Option<&ListenerRuntime> {
@@ -124,7 +151,7 @@ pub struct Shared {
     /// Where finished requests and sessions are logged (when
     /// `log.access_log` is on).
     pub access_log: Arc<AccessLog>,
-    /// The health-check tasks of the current snapshot.
+    /// The health-check tasks of the current snapshot's backends.
     pub health: HealthChecks,
     ready: AtomicBool,
     draining: AtomicBool,
@@ -134,7 +161,7 @@ impl Shared {
     /// Builds the first snapshot from `config`.
     pub fn new(config: Config, metrics: Metrics) -> Shared {
         let registry = Registry::default();
-        let snapshot = Snapshot::build(config, &registry, &metrics);
+        let snapshot = Snapshot::build(config, None, &registry, &metrics);
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,

@@ -56,7 +56,7 @@ async fn sticky_by_header_stays_on_one_backend_and_moves_when_it_is_removed() {
     // Remove the owner by reload: the user moves, and sticks to the new one.
     let remaining: Vec<&Backend> = backends.iter().filter(|b| b.name != owner).collect();
     let new = sluice::config::from_str(&config(&remaining, extra), "test.toml").expect("valid");
-    sluice::runtime::reload::apply(proxy.shared(), new).expect("reloaded");
+    proxy.apply(new).await.expect("reloaded");
     let mut after = BTreeMap::new();
     for _ in 0..100 {
         let body = get_with(addr, ("x-user", "user-42")).await.body;
@@ -172,6 +172,7 @@ fn print_ring_mapping(reverse: bool) {
                 key,
                 a.parse().expect("address"),
                 metrics.backend("u", a),
+                sluice::upstream::client::ClientSettings::default(),
             ))
         })
         .collect();

@@ -240,7 +240,7 @@ async fn a_reload_that_removes_a_backend_or_an_upstream_removes_its_series() {
 
     let without_b =
         sluice::config::from_str(&simple_config(&[&a], ""), "test.toml").expect("valid config");
-    sluice::runtime::reload::apply(proxy.shared(), without_b).expect("reload");
+    proxy.apply(without_b).await.expect("reload");
     let b_label = format!("backend=\"{}\"", b.addr);
     let text = wait_metrics(&proxy, |m| !m.contains(&b_label)).await;
     // The surviving backend keeps its series and its counts.
@@ -253,7 +253,7 @@ async fn a_reload_that_removes_a_backend_or_an_upstream_removes_its_series() {
     // Renaming the upstream takes every series of the old name with it.
     let renamed = simple_config(&[&a], "").replace("\"app\"", "\"main\"");
     let renamed = sluice::config::from_str(&renamed, "test.toml").expect("valid config");
-    sluice::runtime::reload::apply(proxy.shared(), renamed).expect("reload");
+    proxy.apply(renamed).await.expect("reload");
     let text = wait_metrics(&proxy, |m| !m.contains("upstream=\"app\"")).await;
     assert!(
         text.contains(

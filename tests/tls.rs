@@ -897,3 +897,90 @@ fn logs_name_the_client_certificate_and_the_reason_a_backend_certificate_was_ref
     assert_eq!(line["error"], "connect-failure");
     assert_eq!(line["client_subject"], serde_json::Value::Null);
 }
+
+// ---------------------------------------------------------------------------
+// Config reloads
+
+fn reload_config(text: &str) -> sluice::config::Config {
+    sluice::config::from_str(text, "test.toml").unwrap_or_else(|e| panic!("config: {e}"))
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_listener_tls_restarts_its_accept_loop_on_the_same_port() {
+    let backend = Backend::start("b1").await;
+    let pki = Pki::new("Sluice Test CA");
+    let first = pki.server("first", &["web.test"], "first");
+    let second = pki.server("second", &["web.test"], "second");
+    let with = |cert: &Issued| {
+        tls_config(
+            &backend,
+            &format!("{{ certificates = {} }}", certs(&[cert])),
+        )
+    };
+    let proxy = start_proxy(&with(&first)).await;
+    let addr = proxy.listener_addr("web").expect("web");
+    assert_eq!(served_cert(addr, "web.test").await, first.der.to_vec());
+
+    // Other certificate files: a new acceptor, same socket.
+    proxy
+        .apply(reload_config(&with(&second)))
+        .await
+        .expect("reloaded");
+    assert_eq!(proxy.listener_addr("web"), Some(addr));
+    eventually("the new certificate", || async {
+        (served_cert(addr, "web.test").await == second.der.to_vec()).then_some(())
+    })
+    .await;
+
+    // No tls at all: plain HTTP on the same port.
+    let plain = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{}\"]\n",
+        backend.addr
+    );
+    proxy.apply(reload_config(&plain)).await.expect("reloaded");
+    assert_eq!(proxy.listener_addr("web"), Some(addr));
+    let answer = eventually("plain HTTP", || async {
+        let answer = get(addr, "/").await;
+        (answer.status == 200).then_some(answer)
+    })
+    .await;
+    assert_eq!(answer.body, "b1");
+
+    // And back to TLS.
+    proxy
+        .apply(reload_config(&with(&first)))
+        .await
+        .expect("reloaded");
+    eventually("tls again", || async {
+        let config = any_cert_client(&["http/1.1"], rustls::ALL_VERSIONS);
+        let stream = tls_connect(addr, "web.test", config).await.ok()?;
+        let cert = stream.get_ref().1.peer_certificates()?[0].to_vec();
+        (cert == first.der.to_vec()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_upstream_tls_rebuilds_the_backends_clients() {
+    let pki = Pki::new("Sluice Test CA");
+    let named = pki.server("named", &["backend.test"], "backend.test");
+    let backend = tls_backend("named", &named, &["http/1.1"], None).await;
+    let ca = path(&pki.ca_path);
+    let with_sni =
+        |sni: &str| upstream_config(backend, &format!("tls = {{ sni = {sni:?}, ca = {ca:?} }}"));
+    let proxy = start_proxy(&with_sni("other.test")).await;
+    let addr = proxy.listener_addr("web").expect("web");
+    let answer = get(addr, "/").await;
+    assert_eq!(answer.status, 502, "{}", answer.body);
+    assert_eq!(answer.headers["sluice-error"], "connect-failure");
+
+    proxy
+        .apply(reload_config(&with_sni("backend.test")))
+        .await
+        .expect("reloaded");
+    let answer = get(addr, "/").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body, "named HTTP/1.1");
+}

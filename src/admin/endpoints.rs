@@ -103,9 +103,16 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 .iter()
                 .filter(|b| b.is_healthy() && b.circuit_allows())
                 .count();
+            let discovery = u.config.discovery.as_ref().map(|d| {
+                json!({
+                    "dns": d.to_string(),
+                    "refresh_seconds": d.refresh.as_secs_f64(),
+                })
+            });
             json!({
                 "name": &*u.name,
                 "balancer": u.config.balancer.as_str(),
+                "discovery": discovery,
                 "in_flight": u.limit.current(),
                 "max_in_flight": u.config.max_in_flight,
                 "eligible_backends": eligible,

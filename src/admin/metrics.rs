@@ -80,6 +80,8 @@ struct Families {
     config_last_reload: IntGauge,
     config_last_reload_ok: IntGauge,
     access_log_dropped: IntCounter,
+    discovery_failures: IntCounterVec,
+    discovery_backends: IntGaugeVec,
     /// Live handle sets per label set (see the module docs).
     leases: Mutex<HashMap<LeaseKey, usize>>,
 }
@@ -315,6 +317,14 @@ pub struct RetryMetrics {
     _lease: Lease,
 }
 
+/// Handles for the DNS discovery of one upstream.
+pub struct DiscoveryMetrics {
+    /// Resolutions that failed (the last good set was kept).
+    pub failures: IntCounter,
+    /// Backends the last good resolution found.
+    pub backends: IntGauge,
+}
+
 /// Handles for one listener's connections.
 pub struct ListenerMetrics {
     pub active: IntGauge,
@@ -486,6 +496,16 @@ impl Metrics {
                 c
             },
             leases: Mutex::new(HashMap::new()),
+            discovery_failures: counter(
+                "sluice_discovery_failures_total",
+                "DNS discovery resolutions that failed; the last good backend set was kept",
+                &["upstream"],
+            ),
+            discovery_backends: gauge(
+                "sluice_discovery_backends",
+                "Backends found by the last good DNS discovery resolution",
+                &["upstream"],
+            ),
         };
         // Both results exist from the start, so that rate() and increase()
         // see the first failure.
@@ -575,6 +595,32 @@ impl Metrics {
             by_condition,
             _lease: lease,
         }
+    }
+
+    /// Handles for the DNS discovery of one upstream.
+    pub fn discovery(&self, upstream: &str) -> DiscoveryMetrics {
+        DiscoveryMetrics {
+            failures: self
+                .families
+                .discovery_failures
+                .with_label_values(&[upstream]),
+            backends: self
+                .families
+                .discovery_backends
+                .with_label_values(&[upstream]),
+        }
+    }
+
+    /// Drops the discovery series of an upstream that no longer uses it.
+    pub fn forget_discovery(&self, upstream: &str) {
+        let _ = self
+            .families
+            .discovery_failures
+            .remove_label_values(&[upstream]);
+        let _ = self
+            .families
+            .discovery_backends
+            .remove_label_values(&[upstream]);
     }
 
     /// Handles for load shedding on one upstream.

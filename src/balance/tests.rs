@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::admin::metrics::Metrics;
 use crate::upstream::backend::{BackendKey, BackendState, RequestGuard};
+use crate::upstream::client::ClientSettings;
 
 fn address(i: usize) -> String {
     format!("10.0.{}.{}:8080", i / 250, 1 + i % 250)
@@ -25,7 +26,12 @@ fn states(addresses: &[String]) -> Vec<Arc<BackendState>> {
                 address: Arc::from(a.as_str()),
             };
             let sock = a.parse().expect("test addresses are socket addresses");
-            Arc::new(BackendState::new(key, sock, metrics.backend("test", a)))
+            Arc::new(BackendState::new(
+                key,
+                sock,
+                metrics.backend("test", a),
+                ClientSettings::default(),
+            ))
         })
         .collect()
 }
@@ -81,6 +87,17 @@ fn assign(addresses: &[String], vnodes: u32, keys: u64) -> Vec<String> {
             addresses[i].clone()
         })
         .collect()
+}
+
+#[test]
+fn every_balancer_over_no_backends_picks_none() {
+    // A discovering upstream whose name has not resolved yet has none.
+    for kind in all_kinds() {
+        let balancer = build_for(kind, &[], &[]);
+        for key in [None, Some(7)] {
+            assert_eq!(balancer.pick(&[], key, &|_| true), None, "{kind:?}");
+        }
+    }
 }
 
 proptest! {

@@ -19,17 +19,27 @@ use super::{Config, ConfigError, ConfigErrors, ConfigSource};
 /// An unreadable file is one [`ConfigError`] with line 0; otherwise see
 /// [`from_str`]. Errors name the file as `path` was written.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
-    let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => from_str(&text, &file),
-        Err(e) => Err(ConfigErrors(vec![ConfigError {
-            file,
+    let text = read_file(path)?;
+    from_str(&text, &path.display().to_string())
+}
+
+/// Reads the text of the config file at `path`; an unreadable file is one
+/// [`ConfigError`] with line 0.
+pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
             line: 0,
             column: 0,
             path: String::new(),
             message: format!("cannot read config file: {e}"),
-        }])),
-    }
+        }])
+    })
+}
+
+/// The hash [`ConfigSource::hash`] holds for a file with this text.
+pub fn content_hash(text: &str) -> String {
+    fnv1a_64_hex(text.as_bytes())
 }
 
 /// Validates config `text`; `file` is the name errors print and becomes

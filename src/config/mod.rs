@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
-pub use load::{from_str, load_file};
+pub use load::{content_hash, from_str, load_file, read_file};
 
 /// One validated configuration file.
 #[derive(Debug, Clone)]
@@ -48,6 +48,9 @@ pub struct ConfigSource {
 pub struct RuntimeConfig {
     /// Tokio worker threads; 0 means one per CPU.
     pub workers: usize,
+    /// DNS servers that `discovery` asks; empty means the system's
+    /// (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -228,7 +231,25 @@ impl fmt::Debug for SystemRoots {
     }
 }
 
-#[derive(Debug, Clone)]
+impl ListenerConfig {
+    /// Whether connections are accepted the same way (protocol, limits,
+    /// PROXY protocol, timeouts, TLS); routes and the rest are read from the
+    /// snapshot per request, so they do not matter here. The TLS acceptor is
+    /// built when an accept loop starts, so a change to `tls` (adding or
+    /// removing it, its certificate, key or CA paths, ALPN, client
+    /// authentication) needs a new accept loop; new contents of the same
+    /// files do not, the running loop's watcher reloads them.
+    pub fn accepts_like(&self, other: &ListenerConfig) -> bool {
+        self.protocol == other.protocol
+            && self.max_connections == other.max_connections
+            && self.proxy_protocol == other.proxy_protocol
+            && self.timeouts == other.timeouts
+            && self.tls.as_ref().map(ListenerTlsConfig::setup)
+                == other.tls.as_ref().map(ListenerTlsConfig::setup)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerTimeouts {
     /// Time allowed for a request head to arrive once its first byte is read.
     pub client_header: Duration,
@@ -427,7 +448,7 @@ pub enum UpstreamProtocol {
     Auto,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub balancer: BalancerKind,
@@ -444,7 +465,12 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheckConfig>,
     /// Send a PROXY protocol header to backends (tcp listeners only).
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// The backends. With `discovery`, the addresses its last good
+    /// resolution found (empty in a freshly validated file): the runtime
+    /// fills them in.
     pub backends: Vec<BackendConfig>,
+    /// Find the backends by DNS instead of listing them.
+    pub discovery: Option<DiscoveryConfig>,
     pub protocol: UpstreamProtocol,
     /// Requests in flight across the whole upstream; 0 = unlimited.
     pub max_in_flight: usize,
@@ -466,13 +492,31 @@ pub struct BackendConfig {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone)]
+/// Backends found by resolving a DNS name (A and AAAA records), such as a
+/// Kubernetes headless Service, again every `refresh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    /// The name to resolve, lower case; a trailing dot (fully qualified,
+    /// no search domains) is kept.
+    pub host: String,
+    /// The port every found address is given.
+    pub port: u16,
+    pub refresh: Duration,
+}
+
+impl fmt::Display for DiscoveryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
     pub max_idle_per_backend: usize,
     pub idle_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTimeouts {
     pub connect: Duration,
     /// The whole request, from pick to the end of the response head.

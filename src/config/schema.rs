@@ -265,8 +265,14 @@ impl<'a, 'i> TableReader<'a, 'i> {
         );
     }
 
+    // The getters build the key path only to report a problem: a large
+    // file has tens of thousands of keys, and reloads read them all.
+
     pub fn str(&self, problems: &mut Problems, key: &str) -> Option<Spanned<&'a str>> {
         let value = self.get(key)?;
+        if let DeValue::String(s) = value.get_ref() {
+            return Some(Spanned::new(value.span(), s.as_ref()));
+        }
         expect_str(problems, value, &self.key_path(key)).map(|s| Spanned::new(value.span(), s))
     }
 
@@ -281,6 +287,11 @@ impl<'a, 'i> TableReader<'a, 'i> {
 
     pub fn int(&self, problems: &mut Problems, key: &str) -> Option<Spanned<i64>> {
         let value = self.get(key)?;
+        if let DeValue::Integer(int) = value.get_ref() {
+            if let Ok(n) = i64::from_str_radix(int.as_str(), int.radix()) {
+                return Some(Spanned::new(value.span(), n));
+            }
+        }
         expect_int(problems, value, &self.key_path(key)).map(|n| Spanned::new(value.span(), n))
     }
 
@@ -302,11 +313,17 @@ impl<'a, 'i> TableReader<'a, 'i> {
 
     pub fn bool(&self, problems: &mut Problems, key: &str) -> Option<Spanned<bool>> {
         let value = self.get(key)?;
+        if let DeValue::Boolean(b) = value.get_ref() {
+            return Some(Spanned::new(value.span(), *b));
+        }
         expect_bool(problems, value, &self.key_path(key)).map(|b| Spanned::new(value.span(), b))
     }
 
     pub fn array(&self, problems: &mut Problems, key: &str) -> Option<&'a DeArray<'i>> {
         let value = self.get(key)?;
+        if let DeValue::Array(array) = value.get_ref() {
+            return Some(array);
+        }
         expect_array(problems, value, &self.key_path(key))
     }
 

@@ -250,10 +250,122 @@ fn the_example_file_is_valid() {
     assert_eq!(config.listeners.len(), 3);
     assert_eq!(config.listeners[0].routes.len(), 2);
     assert_eq!(config.listeners[2].routes.len(), 1);
-    assert_eq!(config.upstreams.len(), 4);
+    assert_eq!(config.upstreams.len(), 5);
     assert_eq!(
         config.upstreams[2].hash_key,
         HashKey::Header(http::HeaderName::from_static("x-user-id"))
+    );
+    let pods = &config.upstreams[3];
+    assert!(pods.discovery.is_some() && pods.backends.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// DNS discovery
+
+/// The minimal config whose upstream finds its backends with `discovery`.
+fn discovering(discovery: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"app\"\n\n\
+         [[upstream]]\nname = \"app\"\ndiscovery = {discovery}\n"
+    )
+}
+
+#[test]
+fn discovery_takes_a_dns_name_and_port_instead_of_backends() {
+    let config = parse(&discovering(
+        "{ dns = \"App.Default.svc.cluster.local:8080\", refresh = \"2s\" }",
+    ));
+    let app = &config.upstreams[0];
+    assert!(app.backends.is_empty(), "filled in at run time");
+    assert_eq!(
+        app.discovery,
+        Some(DiscoveryConfig {
+            host: "app.default.svc.cluster.local".into(),
+            port: 8080,
+            refresh: Duration::from_secs(2),
+        })
+    );
+
+    let fqdn = parse(&discovering("{ dns = \"app.test.:80\" }"));
+    let d = fqdn.upstreams[0].discovery.clone().expect("discovery");
+    assert_eq!((d.host.as_str(), d.port), ("app.test.", 80));
+    assert_eq!(d.refresh, Duration::from_secs(5), "the default");
+    assert_eq!(d.to_string(), "app.test.:80");
+}
+
+#[test]
+fn bad_discovery_settings_are_errors_at_their_key() {
+    let cases = [
+        (
+            "{ dns = \"app\" }",
+            "upstream[0].discovery.dns",
+            "missing port",
+        ),
+        (
+            "{ dns = \"10.0.0.1:80\" }",
+            "upstream[0].discovery.dns",
+            "ip address",
+        ),
+        ("{ dns = \"app:0\" }", "upstream[0].discovery.dns", "port 0"),
+        (
+            "{ dns = \"a_b:80\" }",
+            "upstream[0].discovery.dns",
+            "bad host name",
+        ),
+        (
+            "{ dns = \"app:80\", refresh = \"500ms\" }",
+            "upstream[0].discovery.refresh",
+            "at least 1s",
+        ),
+        (
+            "{ dns = \"app:80\", every = \"5s\" }",
+            "upstream[0].discovery",
+            "unknown key \"every\"",
+        ),
+        (
+            "{ refresh = \"5s\" }",
+            "upstream[0].discovery",
+            "missing required key \"dns\"",
+        ),
+    ];
+    for (discovery, path, words) in cases {
+        let error = one_error(&discovering(discovery));
+        assert_eq!(error.path, path, "{discovery}");
+        assert!(
+            error.message.contains(words),
+            "{discovery}: {}",
+            error.message
+        );
+    }
+
+    let both = one_error(&upstream_with("discovery = { dns = \"app:80\" }"));
+    assert_eq!(both.path, "upstream[0].backends");
+    assert_eq!(both.message, "set either backends or discovery, not both");
+}
+
+#[test]
+fn dns_servers_take_ips_with_or_without_a_port() {
+    let config = parse(&format!(
+        "{MINIMAL}\n[runtime]\ndns_servers = [\"10.96.0.10\", \"127.0.0.1:5353\", \"[::1]:53\"]\n"
+    ));
+    assert_eq!(
+        config.runtime.dns_servers,
+        [
+            addr("10.96.0.10:53"),
+            addr("127.0.0.1:5353"),
+            addr("[::1]:53")
+        ]
+    );
+    assert!(parse(MINIMAL).runtime.dns_servers.is_empty());
+
+    let error = one_error(&format!(
+        "{MINIMAL}\n[runtime]\ndns_servers = [\"dns.example:53\"]\n"
+    ));
+    assert_eq!(error.path, "runtime.dns_servers[0]");
+    assert!(
+        error.message.contains("the host must be an ip address"),
+        "{}",
+        error.message
     );
 }
 
@@ -522,7 +634,7 @@ fn required_keys_are_reported_at_their_table() {
         [
             "sluice.toml:1:1: listener[0]: missing required key \"name\"",
             "sluice.toml:1:1: listener[0]: missing required key \"listen\"",
-            "sluice.toml:4:1: upstream[0]: missing required key \"backends\"",
+            "sluice.toml:4:1: upstream[0]: missing required key \"backends\" (or discovery)",
         ]
     );
 }
@@ -550,6 +662,37 @@ fn duplicate_names_are_rejected() {
                 "duplicate upstream name \"app\" (already used by upstream[0])"
             ),
         ]
+    );
+}
+
+#[test]
+fn listeners_may_not_share_a_port_with_each_other_or_the_admin() {
+    let text = format!(
+        "{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9901\"\n\
+         [[listener]]\nname = \"any\"\nlisten = \"0.0.0.0:8080\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"adm\"\nlisten = \"127.0.0.1:9901\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"other\"\nlisten = \"127.0.0.2:8080\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"ephemeral\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [[listener]]\nname = \"ephemeral2\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n"
+    );
+    let errors = errors(&text);
+    let got: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e.path.as_str(), e.message.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "listener[1].listen",
+                "0.0.0.0:8080 overlaps listener[0].listen (127.0.0.1:8080): each listener needs its own port"
+            ),
+            (
+                "listener[2].listen",
+                "127.0.0.1:9901 overlaps admin.listen (127.0.0.1:9901): each listener needs its own port"
+            ),
+        ],
+        "127.0.0.2:8080 overlaps neither; port 0 is always free"
     );
 }
 
@@ -632,23 +775,6 @@ fn enumerated_values_list_what_is_allowed() {
 
 // ---------------------------------------------------------------------------
 // Keys whose feature is not built yet
-
-#[test]
-fn each_unsupported_key_is_rejected_as_not_supported_yet() {
-    let upstream_cases = [("discovery = { dns = \"app:80\" }", "upstream[0].discovery")];
-    let cases = upstream_cases
-        .iter()
-        .map(|(extra, path)| (upstream_with(extra), *path));
-    for (text, path) in cases {
-        let error = one_error(&text);
-        assert_eq!(error.path, path, "in:\n{text}");
-        assert!(
-            error.message.contains("not supported yet"),
-            "{path}: {}",
-            error.message
-        );
-    }
-}
 
 #[test]
 fn unsupported_keys_at_their_default_are_accepted() {

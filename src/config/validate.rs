@@ -19,22 +19,23 @@ use serde_spanned::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::schema::{
-    did_you_mean, expect_str, expect_table, join_index, Problems, TableReader, Value,
+    did_you_mean, expect_str, expect_table, join_index, join_key, Problems, TableReader, Value,
 };
 use super::{
     AdminConfig, Alpn, BackendConfig, BalancerKind, CertificateConfig, Cidr, CircuitBreakerConfig,
-    ClientAuthConfig, Config, ConfigSource, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch,
-    ListenerConfig, ListenerProtocol, ListenerTimeouts, ListenerTlsConfig, LogConfig, LogFormat,
-    PoolConfig, ProxyProtocolVersion, RetryConfig, RouteConfig, RouteTarget, RuntimeConfig,
-    ShutdownConfig, SystemRoots, UpstreamConfig, UpstreamProtocol, UpstreamRoots, UpstreamTimeouts,
-    UpstreamTlsConfig, DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
+    ClientAuthConfig, Config, ConfigSource, DiscoveryConfig, HashKey, HealthCheckConfig,
+    HealthCheckKind, HostMatch, ListenerConfig, ListenerProtocol, ListenerTimeouts,
+    ListenerTlsConfig, LogConfig, LogFormat, PoolConfig, ProxyProtocolVersion, RetryConfig,
+    RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, SystemRoots, UpstreamConfig,
+    UpstreamProtocol, UpstreamRoots, UpstreamTimeouts, UpstreamTlsConfig, DEFAULT_BOUNDED_LOAD,
+    DEFAULT_VNODES,
 };
 use crate::tls::{self, files};
 
 const ROOT_KEYS: &[&str] = &[
     "runtime", "admin", "log", "shutdown", "listener", "upstream",
 ];
-const RUNTIME_KEYS: &[&str] = &["workers"];
+const RUNTIME_KEYS: &[&str] = &["workers", "dns_servers"];
 const ADMIN_KEYS: &[&str] = &["listen", "token"];
 const LOG_KEYS: &[&str] = &["format", "access_log"];
 const SHUTDOWN_KEYS: &[&str] = &["drain_delay", "grace"];
@@ -71,6 +72,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "circuit_breaker",
     "retry",
     "backends",
+    "discovery",
     "protocol",
     "max_in_flight",
     "max_in_flight_per_backend",
@@ -100,7 +102,8 @@ const HEALTH_KEYS: &[&str] = &[
     "unhealthy_threshold",
     "expect_status",
 ];
-const UPSTREAM_UNSUPPORTED: &[&str] = &["discovery"];
+const UPSTREAM_UNSUPPORTED: &[&str] = &[];
+const DISCOVERY_KEYS: &[&str] = &["dns", "refresh"];
 const RETRY_KEYS: &[&str] = &["attempts", "on", "backoff_base", "backoff_max", "budget"];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
 const POOL_KEYS: &[&str] = &["max_idle_per_backend", "idle_timeout"];
@@ -128,6 +131,7 @@ pub(super) const ACCEPTED_KEYS: &[&[&str]] = &[
     BREAKER_KEYS,
     RETRY_KEYS,
     BACKEND_KEYS,
+    DISCOVERY_KEYS,
     POOL_KEYS,
     UPSTREAM_TIMEOUT_KEYS,
 ];
@@ -187,6 +191,7 @@ pub(super) fn config(
         .iter()
         .map(|t| listener(t, &refs, &base, problems))
         .collect();
+    reject_shared_addresses(&listener_tables, &listeners, admin.listen, problems);
 
     Some(Config {
         source,
@@ -206,7 +211,32 @@ fn runtime(t: &TableReader<'_, '_>, problems: &mut Problems) -> RuntimeConfig {
     t.reject_unknown_keys(problems, RUNTIME_KEYS, &[]);
     RuntimeConfig {
         workers: count(t, problems, "workers", 0, 0),
+        dns_servers: dns_servers(t, problems),
     }
+}
+
+/// `dns_servers = ["10.96.0.10", "127.0.0.1:5353"]`: ip (port 53) or
+/// ip:port.
+fn dns_servers(t: &TableReader<'_, '_>, problems: &mut Problems) -> Vec<SocketAddr> {
+    let Some(array) = t.array(problems, "dns_servers") else {
+        return Vec::new();
+    };
+    let path = t.key_path("dns_servers");
+    let mut servers = Vec::new();
+    for (i, item) in array.iter().enumerate() {
+        let item_path = join_index(&path, i);
+        let Some(text) = expect_str(problems, item, &item_path) else {
+            continue;
+        };
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            servers.push(SocketAddr::new(ip, 53));
+            continue;
+        }
+        if let Some(addr) = ip_socket_addr(problems, &Spanned::new(item.span(), text), &item_path) {
+            servers.push(addr);
+        }
+    }
+    servers
 }
 
 fn admin(t: &TableReader<'_, '_>, problems: &mut Problems) -> AdminConfig {
@@ -332,6 +362,42 @@ struct UpstreamRefs<'a> {
     sends_proxy: &'a [String],
     /// Upstreams that speak TLS to their backends (http listeners only).
     uses_tls: &'a [String],
+}
+
+/// Listeners bind with `SO_REUSEPORT` (so a new process can take over while
+/// the old one drains), which would let two listeners of one config share a
+/// port silently: reject listen addresses that overlap each other or the
+/// admin address (same port, and the same ip or either unspecified).
+fn reject_shared_addresses(
+    tables: &[TableReader<'_, '_>],
+    listeners: &[Option<ListenerConfig>],
+    admin: SocketAddr,
+    problems: &mut Problems,
+) {
+    let overlap = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    let mut seen: Vec<(SocketAddr, String)> = vec![(admin, "admin.listen".to_owned())];
+    for (t, l) in tables.iter().zip(listeners) {
+        let Some(l) = l else { continue };
+        let path = t.key_path("listen");
+        match seen.iter().find(|(addr, _)| overlap(*addr, l.listen)) {
+            Some((addr, other)) => {
+                let span = t.get("listen").map_or_else(|| t.span(), |v| v.span());
+                problems.push(
+                    span,
+                    &path,
+                    format!(
+                        "{} overlaps {other} ({addr}): each listener needs its own port",
+                        l.listen
+                    ),
+                );
+            }
+            None => seen.push((l.listen, path)),
+        }
+    }
 }
 
 fn listener(
@@ -946,7 +1012,23 @@ fn upstream(
         Some("v2") => Some(ProxyProtocolVersion::V2),
         _ => None,
     };
-    let backends = backends(t, problems);
+    let discovery = t
+        .table(problems, "discovery")
+        .and_then(|d| discovery(&d, problems));
+    let backends = match (t.get("discovery"), t.get("backends")) {
+        (Some(_), Some(_)) => {
+            let span = t.key_span("backends").unwrap_or_else(|| t.span());
+            problems.push(
+                span,
+                &t.key_path("backends"),
+                "set either backends or discovery, not both",
+            );
+            None
+        }
+        // Filled in by the runtime from the first resolution.
+        (Some(_), None) => Some(Vec::new()),
+        (None, _) => backends(t, problems),
+    };
     let tls = t
         .table(problems, "tls")
         .and_then(|tls| upstream_tls(&tls, base, problems));
@@ -1020,6 +1102,7 @@ fn upstream(
         hash_key,
         send_proxy_protocol,
         backends: backends?,
+        discovery,
         protocol,
         max_in_flight,
         max_in_flight_per_backend,
@@ -1033,9 +1116,53 @@ fn upstream(
     })
 }
 
+/// `discovery = { dns = "app.default.svc.cluster.local:8080", refresh = "5s" }`.
+fn discovery(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<DiscoveryConfig> {
+    t.reject_unknown_keys(problems, DISCOVERY_KEYS, &[]);
+    let refresh = duration(t, problems, "refresh", Duration::from_secs(5));
+    if refresh < Duration::from_secs(1) {
+        let span = t.key_span("refresh").unwrap_or_else(|| t.span());
+        problems.push(span, &t.key_path("refresh"), "must be at least 1s");
+    }
+    let dns = t.required_str(problems, "dns")?;
+    let text = *dns.get_ref();
+    // A trailing dot (a fully qualified name) is fine: checked without it.
+    let (written_host, port) = text.rsplit_once(':').unwrap_or((text, ""));
+    let fqdn = written_host.ends_with('.') && !written_host.ends_with("..");
+    let checked = if fqdn {
+        format!("{}:{port}", &written_host[..written_host.len() - 1])
+    } else {
+        text.to_owned()
+    };
+    let why = match split_host_port(&checked) {
+        Ok((_, 0)) => "port 0 is not allowed",
+        Ok((Host::Ip(_), _)) => {
+            "the host is an ip address: list fixed addresses in backends; discovery resolves a dns name"
+        }
+        Ok((Host::Name(name), port)) => {
+            return Some(DiscoveryConfig {
+                host: if fqdn { format!("{name}.") } else { name },
+                port,
+                refresh,
+            });
+        }
+        Err(why) => why,
+    };
+    problems.push(
+        dns.span(),
+        &t.key_path("dns"),
+        format!("{text:?} is not a dns name and port, like \"app.default.svc.cluster.local:8080\" ({why})"),
+    );
+    None
+}
+
 fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<BackendConfig>> {
     let Some(value) = t.get("backends") else {
-        t.missing(problems, "backends");
+        problems.push(
+            t.span(),
+            t.path(),
+            "missing required key \"backends\" (or discovery)",
+        );
         return None;
     };
     let array = t.array(problems, "backends")?;
@@ -1047,7 +1174,9 @@ fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<Back
     let mut backends: Vec<(usize, BackendConfig)> = Vec::new();
     let mut complete = true;
     for (i, item) in array.iter().enumerate() {
-        let item_path = join_index(&path, i);
+        // Key paths are built only for problems: a large file has thousands
+        // of backends.
+        let item_path = || join_index(&path, i);
         let Some((backend, span, address_path)) = backend(item, &item_path, problems) else {
             complete = false;
             continue;
@@ -1055,7 +1184,7 @@ fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<Back
         if let Some((first, _)) = backends.iter().find(|(_, b)| b.address == backend.address) {
             problems.push(
                 span,
-                &address_path,
+                &address_path(),
                 format!(
                     "duplicate backend {:?} (same as backends[{first}])",
                     backend.address
@@ -1069,13 +1198,17 @@ fn backends(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Vec<Back
     complete.then(|| backends.into_iter().map(|(_, b)| b).collect())
 }
 
-/// One backend, either `"host:port"` or `{ address = "host:port", weight = 3 }`.
-/// Also returns where its address was written and that address's key path.
-fn backend(
+/// A key path built only when a problem needs it.
+type LazyPath<'p> = Box<dyn Fn() -> String + 'p>;
+
+/// One backend, either `"host:port"` or `{ address = "host:port", weight = 3 }`
+/// (`path()` is its key path). Also returns where its address was written
+/// and how to name that address's key path.
+fn backend<'p>(
     item: &Value<'_>,
-    path: &str,
+    path: &'p dyn Fn() -> String,
     problems: &mut Problems,
-) -> Option<(BackendConfig, std::ops::Range<usize>, String)> {
+) -> Option<(BackendConfig, std::ops::Range<usize>, LazyPath<'p>)> {
     match item.get_ref() {
         DeValue::String(address) => {
             let (address, socket_addr) = resolve_backend(problems, address, item.span(), path)?;
@@ -1084,14 +1217,14 @@ fn backend(
                 socket_addr,
                 weight: 1,
             };
-            Some((backend, item.span(), path.to_owned()))
+            Some((backend, item.span(), Box::new(path)))
         }
         DeValue::Table(_) => {
-            let t = expect_table(problems, item, path.to_owned())?;
+            let t = expect_table(problems, item, path())?;
             t.reject_unknown_keys(problems, BACKEND_KEYS, &[]);
             let weight = to_u32(int_in(&t, problems, "weight", 1..=10_000, 1));
             let address = t.required_str(problems, "address")?;
-            let address_path = t.key_path("address");
+            let address_path = move || join_key(&path(), "address");
             let (label, socket_addr) =
                 resolve_backend(problems, address.get_ref(), address.span(), &address_path)?;
             let backend = BackendConfig {
@@ -1099,12 +1232,12 @@ fn backend(
                 socket_addr,
                 weight,
             };
-            Some((backend, address.span(), address_path))
+            Some((backend, address.span(), Box::new(address_path)))
         }
         other => {
             problems.push(
                 item.span(),
-                path,
+                &path(),
                 format!(
                     "expected a \"host:port\" string or a table {{ address, weight }}, found {}",
                     other.type_str()
@@ -1121,7 +1254,7 @@ fn resolve_backend(
     problems: &mut Problems,
     text: &str,
     span: std::ops::Range<usize>,
-    path: &str,
+    path: &dyn Fn() -> String,
 ) -> Option<(String, SocketAddr)> {
     let (host, port) = match split_host_port(text) {
         Ok((_, 0)) => Err("port 0 is not allowed"),
@@ -1130,7 +1263,7 @@ fn resolve_backend(
     .map_err(|why| {
         problems.push(
             span.clone(),
-            path,
+            &path(),
             format!("{text:?} is not host:port ({why})"),
         );
     })
@@ -1144,7 +1277,7 @@ fn resolve_backend(
             let resolved: Vec<SocketAddr> = match (name.as_str(), port).to_socket_addrs() {
                 Ok(addrs) => addrs.collect(),
                 Err(e) => {
-                    problems.push(span, path, format!("cannot resolve {name:?}: {e}"));
+                    problems.push(span, &path(), format!("cannot resolve {name:?}: {e}"));
                     return None;
                 }
             };
@@ -1155,7 +1288,11 @@ fn resolve_backend(
             match preferred {
                 Some(addr) => Some((format!("{name}:{port}"), *addr)),
                 None => {
-                    problems.push(span, path, format!("cannot resolve {name:?}: no addresses"));
+                    problems.push(
+                        span,
+                        &path(),
+                        format!("cannot resolve {name:?}: no addresses"),
+                    );
                     None
                 }
             }

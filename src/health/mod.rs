@@ -1,28 +1,31 @@
 //! Active health checks: one probe task per backend, on its interval with
 //! jitter, flipping the backend's health after enough consecutive results.
 //!
-//! The tasks belong to a [`HealthChecks`] handle in the shared state: each
-//! config snapshot (start or reload) replaces them as a whole, so a reload
-//! never leaves a duplicate or orphaned checker. Health itself lives in the
-//! backend's long-lived state, so it survives reloads.
+//! The tasks belong to a [`HealthChecks`] handle in the shared state, keyed
+//! by backend identity: each new snapshot (a reload or a discovery update)
+//! is reconciled against them, so unchanged backends keep their task, and a
+//! reload never leaves a duplicate or orphaned checker. Health itself lives
+//! in the backend's long-lived state, so it survives reloads.
 //!
 //! An upstream with `tls` is checked over TLS (same verification, SNI and
-//! client certificate as its traffic): an http check is a GET over HTTP/2
-//! when ALPN picks `h2`, else over HTTP/1.1, and a backend whose
-//! certificate is refused fails it. A tcp check stays a plain TCP connect.
+//! client certificate as its traffic, taken from the backend's current
+//! client at each probe, so a reload that changes `tls` applies at once):
+//! an http check is a GET over HTTP/2 when ALPN picks `h2`, else over
+//! HTTP/1.1, and a backend whose certificate is refused fails it. A tcp
+//! check stays a plain TCP connect.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{HealthCheckConfig, HealthCheckKind};
 use crate::state::Snapshot;
-use crate::tls::client::UpstreamTls;
-use crate::upstream::backend::BackendState;
+use crate::upstream::backend::{BackendKey, BackendState};
 
 /// Consecutive results of one backend's checks and its current verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,71 +66,85 @@ impl Thresholds {
     }
 }
 
-/// The running health-check tasks of the current snapshot.
+/// The running health-check tasks, one per checked backend of the current
+/// snapshot.
 #[derive(Default)]
 pub struct HealthChecks {
-    current: Mutex<Option<CancellationToken>>,
+    checkers: Mutex<HashMap<BackendKey, Checker>>,
+}
+
+/// One backend's probe task; dropping it stops the task.
+struct Checker {
+    backend: Arc<BackendState>,
+    check: HealthCheckConfig,
+    _stop: DropGuard,
 }
 
 impl HealthChecks {
-    /// Stops the running checkers and starts one per backend of every
-    /// upstream of `snapshot` that has `health_check`. Needs a tokio runtime.
-    pub fn restart(&self, snapshot: &Snapshot) {
-        let token = CancellationToken::new();
+    /// Makes the running checkers match `snapshot`: a backend whose state
+    /// and check settings are unchanged keeps its task (and its count of
+    /// consecutive results); removed backends' tasks stop; new or changed
+    /// ones start. Never two tasks for one backend. Needs a tokio runtime.
+    pub fn reconcile(&self, snapshot: &Snapshot) {
+        let mut checkers = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = HashMap::with_capacity(checkers.len());
         for upstream in &snapshot.upstreams {
-            let Some(check) = &upstream.config.health_check else {
-                // Checks removed by a reload: nothing holds these down now.
-                for backend in &upstream.backends {
-                    backend.set_healthy(true);
-                }
+            if upstream.config.health_check.is_none() && checkers.is_empty() {
+                // Nothing to start, and nothing of its to stop.
                 continue;
-            };
-            let tls = upstream.client.tls();
+            }
             for backend in &upstream.backends {
-                tokio::spawn(run(
-                    Arc::clone(backend),
-                    check.clone(),
-                    tls.cloned(),
-                    token.child_token(),
-                ));
+                let old = checkers.remove(&backend.key);
+                let Some(check) = &upstream.config.health_check else {
+                    if old.is_some() {
+                        // Checks removed by a reload: nothing holds it down now.
+                        backend.set_healthy(true);
+                    }
+                    continue;
+                };
+                let checker = match old {
+                    Some(c) if Arc::ptr_eq(&c.backend, backend) && c.check == *check => c,
+                    _ => {
+                        let stop = CancellationToken::new();
+                        tokio::spawn(run(Arc::clone(backend), check.clone(), stop.clone()));
+                        Checker {
+                            backend: Arc::clone(backend),
+                            check: check.clone(),
+                            _stop: stop.drop_guard(),
+                        }
+                    }
+                };
+                next.insert(backend.key.clone(), checker);
             }
         }
-        let old = self
-            .current
+        // What is left belongs to removed backends: dropping stops them.
+        *checkers = next;
+    }
+
+    /// How many checker tasks run.
+    pub fn len(&self) -> usize {
+        self.checkers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .replace(token);
-        if let Some(old) = old {
-            old.cancel();
-        }
+            .len()
+    }
+
+    /// Whether no checker runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Stops every checker.
     pub fn stop(&self) {
-        if let Some(token) = self
-            .current
+        self.checkers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            token.cancel();
-        }
-    }
-}
-
-impl Drop for HealthChecks {
-    fn drop(&mut self) {
-        self.stop();
+            .clear();
     }
 }
 
 /// Checks one backend until cancelled.
-async fn run(
-    backend: Arc<BackendState>,
-    check: HealthCheckConfig,
-    tls: Option<Arc<UpstreamTls>>,
-    stop: CancellationToken,
-) {
+async fn run(backend: Arc<BackendState>, check: HealthCheckConfig, stop: CancellationToken) {
     let mut state = Thresholds::new(backend.is_healthy());
     loop {
         // Up to 10% early or late, so checks of many backends spread out.
@@ -138,7 +155,7 @@ async fn run(
         }
         let ok = tokio::select! {
             _ = stop.cancelled() => return,
-            ok = probe(&backend, &check, tls.as_deref()) => ok,
+            ok = probe(&backend, &check) => ok,
         };
         backend.record_health_check(ok);
         if let Some(up) = state.record(ok, check.healthy_threshold, check.unhealthy_threshold) {
@@ -153,11 +170,8 @@ async fn run(
 }
 
 /// One probe within `check.timeout`.
-async fn probe(
-    backend: &BackendState,
-    check: &HealthCheckConfig,
-    tls: Option<&UpstreamTls>,
-) -> bool {
+async fn probe(backend: &BackendState, check: &HealthCheckConfig) -> bool {
+    let tls = backend.client().tls().cloned();
     let attempt = async {
         let stream = TcpStream::connect(backend.addr).await.ok()?;
         let HealthCheckKind::Http {
@@ -172,10 +186,7 @@ async fn probe(
         let status = match tls {
             None => http1_status(TokioIo::new(stream), path, host).await?,
             Some(tls) => {
-                let stream = tls
-                    .connect(stream, tls.server_name(backend.addr))
-                    .await
-                    .ok()?;
+                let stream = tls.connect(stream).await.ok()?;
                 if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                     h2_status(TokioIo::new(stream), path, host).await?
                 } else {

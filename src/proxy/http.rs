@@ -6,6 +6,7 @@
 //! that its bookkeeping is recorded when the body ends. Every generated
 //! answer goes through [`error_response`].
 
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -68,6 +69,18 @@ impl ConnInfo {
     pub fn client_subject(&self) -> Option<Arc<str>> {
         self.tls.as_ref()?.client_subject.clone()
     }
+
+    /// The client's IP address as a header value (X-Forwarded-For).
+    pub fn peer_ip_header(&self) -> HeaderValue {
+        let mut buf = [0u8; 48];
+        let len = {
+            let mut w = &mut buf[..];
+            // An IP address always fits in 48 bytes.
+            let _ = write!(w, "{}", self.peer.ip());
+            48 - w.len()
+        };
+        HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+    }
 }
 
 const SLUICE_ERROR: HeaderName = HeaderName::from_static("sluice-error");
@@ -124,7 +137,7 @@ pub async fn handle(
         &mut parts,
         conn,
         listener,
-        upstream.client.protocol(),
+        upstream.config.protocol,
         upgrade,
     ) {
         return error_response(&err, Some(exchange));
@@ -182,7 +195,9 @@ pub async fn handle(
                 (parts, RequestBody::Empty)
             }
         };
-        parts.uri = match target(&parts.uri, upstream.client.scheme(), &backend) {
+        // One look at the backend's client for both the scheme and the send.
+        let client = backend.client();
+        parts.uri = match target(std::mem::take(&mut parts.uri), client.scheme(), &backend) {
             Ok(uri) => uri,
             Err(err) => {
                 guard.abandon();
@@ -193,7 +208,11 @@ pub async fn handle(
         exchange.attempts = attempt;
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = timeouts.per_try.min(left);
-        let sent = tokio::time::timeout(limit, upstream.client.send(backend.addr, request)).await;
+        // The send future owns what it needs: the client guard is released
+        // before waiting.
+        let sending = client.send(backend.addr, request);
+        drop(client);
+        let sent = tokio::time::timeout(limit, sending).await;
         let result = match sent {
             Ok(result) => result,
             Err(_) => Err(ProxyError::Timeout {
@@ -454,17 +473,18 @@ fn rewrite_request(
         .trusted_proxies
         .iter()
         .any(|c| c.contains(conn.peer.ip()));
-    let client_ip = conn.peer.ip().to_string();
     let xff = match (trusted, joined(&parts.headers, &X_FORWARDED_FOR)) {
-        (true, Some(prior)) => format!("{prior}, {client_ip}"),
-        _ => client_ip,
+        (true, Some(prior)) => {
+            let client_ip = conn.peer.ip();
+            HeaderValue::from_str(&format!("{prior}, {client_ip}")).map_err(|_| {
+                ProxyError::BadRequest {
+                    what: "invalid x-forwarded-for",
+                }
+            })?
+        }
+        _ => conn.peer_ip_header(),
     };
-    parts.headers.insert(
-        X_FORWARDED_FOR,
-        HeaderValue::from_str(&xff).map_err(|_| ProxyError::BadRequest {
-            what: "invalid x-forwarded-for",
-        })?,
-    );
+    parts.headers.insert(X_FORWARDED_FOR, xff);
     if !trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
         parts
             .headers
@@ -491,17 +511,18 @@ fn rewrite_request(
 }
 
 /// Points the request at `backend`: an absolute URI with its address
-/// (`https` when the upstream has TLS).
-fn target(uri: &Uri, scheme: http::uri::Scheme, backend: &BackendState) -> Result<Uri, ProxyError> {
-    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    Uri::builder()
-        .scheme(scheme)
-        .authority(backend.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|_| ProxyError::BadRequest {
-            what: "invalid request target",
-        })
+/// (`https` when the upstream has TLS). The path is moved over, not parsed
+/// again.
+fn target(uri: Uri, scheme: http::uri::Scheme, backend: &BackendState) -> Result<Uri, ProxyError> {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(backend.authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest {
+        what: "invalid request target",
+    })
 }
 
 /// Whether a request may be sent twice (RFC 9110 §9.2.2, or the client
@@ -528,6 +549,11 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 /// those named in `Connection` and the fixed hop-by-hop set. `te: trailers`
 /// stays (gRPC needs it); `upgrade` stays when the exchange is an upgrade.
 fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the names instead of
+    // a dozen hashed removals.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -559,6 +585,19 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether `name` is (or may name) a hop-by-hop header.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 #[cfg(test)]

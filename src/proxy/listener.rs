@@ -18,7 +18,7 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -38,32 +38,47 @@ use crate::tls::server::{self as tls_server, TlsAcceptor};
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A bound listener socket and what its connections need.
+///
+/// The socket is shared so a reload can hand it to a new accept loop (new
+/// settings, same address) without closing it; `active` counts the
+/// listener's open connections across such hand-overs.
 pub struct BoundListener {
     pub index: usize,
     pub name: Arc<str>,
     pub config: ListenerConfig,
-    pub socket: TcpListener,
+    pub socket: Arc<TcpListener>,
+    pub active: Arc<AtomicUsize>,
 }
 
 impl BoundListener {
-    /// Binds `config.listen`.
-    pub async fn bind(index: usize, config: &ListenerConfig) -> io::Result<BoundListener> {
-        let socket = TcpListener::bind(config.listen).await?;
-        Ok(BoundListener {
-            index,
-            name: Arc::from(config.name.as_str()),
-            config: config.clone(),
-            socket,
-        })
-    }
-
     /// The address actually bound (the port is known even for `:0`).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 }
 
-/// Tokens a running listener obeys during shutdown.
+/// The accept backlog asked for; the kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`, so
+/// a new Sluice can bind the same address while the old one drains (the
+/// kernel spreads new connections over both until the old one closes its
+/// socket). Other sockets with `SO_REUSEPORT` (of the same user) may bind
+/// it too. The admin socket is not shared this way.
+pub fn listen_shared(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Tokens a running listener obeys when it is stopped (shutdown, or a
+/// reload that removes or replaces it).
 #[derive(Clone)]
 pub struct ListenerControl {
     /// Cancelled when the listener must stop accepting.
@@ -84,8 +99,10 @@ struct ListenerCtx {
     settings: h1::H1Settings,
     handshake: Handshake,
     metrics: ListenerMetrics,
-    /// Connections open now, against `max_connections`.
-    active: AtomicUsize,
+    /// Connections open now, against `max_connections` (shared with the
+    /// accept loops that take this listener's socket over on a reload).
+    active: Arc<AtomicUsize>,
+    max_connections: usize,
     close: CancellationToken,
     /// Idle HTTP/1 connections parked off the runtime; `None` if the epoll
     /// set could not be made (connections then idle on their tasks).
@@ -112,7 +129,6 @@ struct Resume {
 
 /// Accepts until `control.stop_accepting` is cancelled.
 pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: ListenerControl) {
-    let max = listener.config.max_connections;
     let metrics = shared.metrics.listener(&listener.name);
     let parking = match Parking::new(metrics.parked.clone()) {
         Ok(p) => Some(p),
@@ -163,7 +179,8 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
             idle_timeout: listener.config.timeouts.idle,
             ..h1::H1Settings::default()
         },
-        active: AtomicUsize::new(0),
+        active: Arc::clone(&listener.active),
+        max_connections: listener.config.max_connections,
         close: control.close_connections.clone(),
         parking,
         tracker: control.tracker.clone(),
@@ -176,27 +193,44 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
             _ = control.stop_accepting.cancelled() => break,
             accepted = listener.socket.accept() => accepted,
         };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+        match accepted {
+            Ok((stream, peer)) => admit(&ctx, stream, peer),
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(listener = &*listener.name, error = %err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        if ctx.active.load(Ordering::Relaxed) >= max {
-            ctx.metrics.rejected.inc();
-            drop(stream);
-            continue;
         }
-        let slot = ConnSlot::new(Arc::clone(&ctx));
-        let _ = stream.set_nodelay(true);
-        let span = tracing::debug_span!("conn", listener = &*listener.name, peer = %peer);
-        control
-            .tracker
-            .spawn(serve_conn(slot, stream, peer).instrument(span));
     }
+    // Connections the kernel has already queued are served, not reset when
+    // the socket closes: the other process sharing the port (SO_REUSEPORT)
+    // does not inherit them.
+    while let Some(Ok((stream, peer))) = accept_queued(&listener.socket).await {
+        admit(&ctx, stream, peer);
+    }
+}
+
+/// A connection already waiting in the accept queue, without waiting for one.
+async fn accept_queued(socket: &TcpListener) -> Option<io::Result<(TcpStream, SocketAddr)>> {
+    std::future::poll_fn(|cx| match socket.poll_accept(cx) {
+        std::task::Poll::Ready(accepted) => std::task::Poll::Ready(Some(accepted)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
+/// Serves an accepted connection on its own task, unless the listener is
+/// at `max_connections`.
+fn admit(ctx: &Arc<ListenerCtx>, stream: TcpStream, peer: SocketAddr) {
+    if ctx.active.load(Ordering::Relaxed) >= ctx.max_connections {
+        ctx.metrics.rejected.inc();
+        return;
+    }
+    let slot = ConnSlot::new(Arc::clone(ctx));
+    let _ = stream.set_nodelay(true);
+    let span = tracing::debug_span!("conn", listener = &*ctx.name, peer = %peer);
+    ctx.tracker
+        .spawn(serve_conn(slot, stream, peer).instrument(span));
 }
 
 /// One accepted connection, from the PROXY header (if any) to its close.
@@ -413,7 +447,17 @@ async fn serve_h1<T: h1::Transport>(
     // idle connection's task stays small.
     let shared = &ctx.shared;
     let handler = |req: http::Request<h1::RequestBody>| async move {
-        handle(shared, info, req.map(RequestBody::H1)).await
+        let mut response = handle(shared, info, req.map(RequestBody::H1)).await;
+        // While draining (/readyz is 503), each response closes its
+        // connection, so keep-alive clients reconnect (through their
+        // balancer, to another instance) before the listener stops.
+        if shared.is_draining() {
+            let close = http::HeaderValue::from_static("close");
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, close);
+        }
+        response
     };
     let park_after = || {
         let parked = ctx.parking.as_ref()?.parked();

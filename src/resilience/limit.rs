@@ -23,6 +23,12 @@ impl InFlightLimit {
         }
     }
 
+    /// A limit of `max` counting on `current`, the counter of the limit it
+    /// replaces: permits out under the old one still count.
+    pub fn sharing(max: usize, current: Arc<AtomicUsize>) -> Self {
+        InFlightLimit { max, current }
+    }
+
     /// A permit, or `None` when `max` are already out (the caller answers
     /// 503 at once; nothing waits).
     pub fn try_acquire(&self) -> Option<InFlightPermit> {

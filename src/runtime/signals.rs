@@ -6,8 +6,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use super::reload;
-use crate::state::Shared;
+use super::Control;
 
 /// Exit code of a forced exit on a second shutdown signal.
 pub const FORCED_EXIT_CODE: i32 = 2;
@@ -32,14 +31,13 @@ impl Signals {
 
     /// Handles signals until the process ends. `shutdown` starts the
     /// graceful shutdown.
-    pub async fn run(mut self, shared: Arc<Shared>, shutdown: CancellationToken) {
+    pub async fn run(mut self, control: Arc<Control>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: reloading config");
-                    let shared = Arc::clone(&shared);
-                    // Reading and validating the file blocks; keep it off the workers.
-                    let _ = tokio::task::spawn_blocking(move || reload::reload(&shared)).await;
+                    // The outcome is logged and counted by the reload itself.
+                    let _ = control.reload().await;
                 }
                 _ = self.term.recv() => on_stop(&shutdown, "SIGTERM"),
                 _ = self.int.recv() => on_stop(&shutdown, "SIGINT"),

@@ -1,8 +1,8 @@
 //! TLS to backends (`upstream.tls`), as a layer of its own: a rustls
-//! `ClientConfig` built once per upstream and a [`UpstreamTls::connect`]
-//! that turns a connected `TcpStream` into a TLS stream. The pooled HTTP
-//! client (`upstream/client.rs`) and the active health checks use it; they
-//! know nothing else of TLS.
+//! `ClientConfig` built per backend, with its pooled client, and an
+//! [`UpstreamTls::connect`] that turns a connected `TcpStream` into a TLS
+//! stream. The pooled HTTP client (`upstream/client.rs`) and the active
+//! health checks use it; they know nothing else of TLS.
 //!
 //! The name sent as SNI and verified against the backend's certificate is
 //! `tls.sni` when set, else the backend's own host (its DNS name, or its IP
@@ -10,7 +10,6 @@
 //! not sent as SNI). ALPN follows the upstream's protocol: `http/1.1`,
 //! `h2`, or both for `auto`.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,31 +25,31 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{BackendConfig, UpstreamProtocol, UpstreamRoots, UpstreamTlsConfig};
+use crate::config::{UpstreamProtocol, UpstreamRoots, UpstreamTlsConfig};
 
 /// A backend whose handshakes keep failing is warned about at most this
 /// often (the other failures are logged at debug level).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// TLS to the backends of one upstream.
+/// TLS to one backend.
 #[derive(Debug)]
 pub struct UpstreamTls {
     config: Arc<ClientConfig>,
-    /// `tls.sni`, when set.
-    sni: Option<ServerName<'static>>,
-    /// Each backend's own host, for when `sni` is not set.
-    hosts: HashMap<SocketAddr, ServerName<'static>>,
-    /// When each backend's handshake failure was last warned about.
-    warned: Mutex<HashMap<SocketAddr, Instant>>,
+    /// `tls.sni` when set, else the backend's own host.
+    name: ServerName<'static>,
+    /// When a handshake failure was last warned about.
+    warned: Mutex<Option<Instant>>,
 }
 
 impl UpstreamTls {
-    /// Builds the client side of an upstream's TLS from its validated
-    /// config; `backends` give each backend's default server name.
+    /// Builds the client side of TLS to the backend `address` (as written
+    /// in the config, normalised) at `addr`, from its upstream's validated
+    /// `tls` and `protocol`.
     pub fn new(
         tls: &UpstreamTlsConfig,
         protocol: UpstreamProtocol,
-        backends: &[BackendConfig],
+        address: &str,
+        addr: SocketAddr,
     ) -> Self {
         let provider = super::provider();
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -73,60 +72,46 @@ impl UpstreamTls {
             UpstreamProtocol::H2 => vec![b"h2".to_vec()],
             UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         };
-        let hosts = backends
-            .iter()
-            .filter_map(|b| {
-                let host = backend_host(&b.address)?;
-                Some((b.socket_addr, server_name(host).ok()?))
-            })
-            .collect();
+        let name = tls
+            .sni
+            .clone()
+            .or_else(|| server_name(backend_host(address)?).ok())
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
         UpstreamTls {
             config: Arc::new(config),
-            sni: tls.sni.clone(),
-            hosts,
-            warned: Mutex::new(HashMap::new()),
+            name,
+            warned: Mutex::new(None),
         }
     }
 
-    /// The name to present to, and verify, the backend at `addr`.
-    pub fn server_name(&self, addr: SocketAddr) -> ServerName<'static> {
-        if let Some(sni) = &self.sni {
-            return sni.clone();
-        }
-        self.hosts
-            .get(&addr)
-            .cloned()
-            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+    /// The name presented to, and verified against, the backend.
+    pub fn server_name(&self) -> ServerName<'static> {
+        self.name.clone()
     }
 
     /// Runs the TLS handshake on a connected socket. The error of a failed
     /// verification carries rustls's reason; [`describe`] words it.
-    pub async fn connect(
-        &self,
-        tcp: TcpStream,
-        name: ServerName<'static>,
-    ) -> io::Result<TlsStream<TcpStream>> {
+    pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
-            .connect(name, tcp)
+            .connect(self.server_name(), tcp)
             .await
     }
 
-    /// Logs a failed handshake with `addr`: a warning, at most once per
-    /// [`WARN_EVERY`] per backend, else at debug level.
+    /// Logs a failed handshake with the backend at `addr`: a warning, at
+    /// most once per [`WARN_EVERY`], else at debug level.
     pub fn report_failure(&self, upstream: &str, addr: SocketAddr, err: &io::Error) {
         let now = Instant::now();
         let warn = {
             let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-            match warned.get(&addr) {
-                Some(last) if now.duration_since(*last) < WARN_EVERY => false,
+            match *warned {
+                Some(last) if now.duration_since(last) < WARN_EVERY => false,
                 _ => {
-                    warned.insert(addr, now);
+                    *warned = Some(now);
                     true
                 }
             }
         };
-        let name = self.server_name(addr);
-        let name = name.to_str();
+        let name = self.name.to_str();
         let reason = describe(err);
         if warn {
             tracing::warn!(upstream, backend = %addr, server_name = %name, reason = %reason, "tls handshake with backend failed");

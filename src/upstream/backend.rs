@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
+use super::client::{ClientSettings, UpstreamClient};
 use crate::admin::metrics::{BackendMetrics, Outcome};
 use crate::config::CircuitBreakerConfig;
 use crate::resilience::breaker::{Admission, Breaker, CircuitState};
@@ -46,16 +47,24 @@ pub struct BackendState {
     created: Instant,
     /// The circuit breaker, when the upstream configures one.
     breaker: ArcSwapOption<Breaker>,
+    /// The pooled client; replaced only when its settings change.
+    client: ArcSwap<UpstreamClient>,
     requests: AtomicU64,
     failures: AtomicU64,
     metrics: BackendMetrics,
 }
 
 impl BackendState {
-    /// A fresh backend with zeroed counters.
-    pub fn new(key: BackendKey, addr: SocketAddr, metrics: BackendMetrics) -> Self {
+    /// A fresh backend with zeroed counters and an empty pool.
+    pub fn new(
+        key: BackendKey,
+        addr: SocketAddr,
+        metrics: BackendMetrics,
+        client: ClientSettings,
+    ) -> Self {
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .expect("a socket address is a valid authority");
+        let client = UpstreamClient::new(client, &key, addr);
         BackendState {
             key,
             addr,
@@ -65,6 +74,7 @@ impl BackendState {
             up_since_ms: AtomicU64::new(u64::MAX),
             created: Instant::now(),
             breaker: ArcSwapOption::empty(),
+            client: ArcSwap::from_pointee(client),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             metrics,
@@ -85,6 +95,23 @@ impl BackendState {
                 .store(config.map(|c| Arc::new(Breaker::new(c.clone()))));
             self.metrics.circuit_state.set(0);
         }
+    }
+
+    /// Installs the upstream's client settings; a client whose settings did
+    /// not change keeps its pooled connections across a reload.
+    pub fn configure_client(&self, settings: &ClientSettings) {
+        if self.client.load().settings() != settings {
+            self.client.store(Arc::new(UpstreamClient::new(
+                settings.clone(),
+                &self.key,
+                self.addr,
+            )));
+        }
+    }
+
+    /// The pooled client calls to this backend go through.
+    pub fn client(&self) -> arc_swap::Guard<Arc<UpstreamClient>> {
+        self.client.load()
     }
 
     /// Whether the circuit lets a pick choose this backend.
@@ -278,6 +305,7 @@ mod tests {
             key,
             "127.0.0.1:1".parse().expect("addr"),
             metrics.backend("u", "127.0.0.1:1"),
+            ClientSettings::default(),
         ))
     }
 

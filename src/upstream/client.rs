@@ -1,10 +1,12 @@
 //! The one place a request leaves for a backend.
 //!
-//! Each upstream has an [`UpstreamClient`]: a pooled hyper client (HTTP/1.1
+//! Each backend has an [`UpstreamClient`]: a pooled hyper client (HTTP/1.1
 //! keep-alive or HTTP/2) whose connector connects to the backend address in
 //! the request URI under the connect timeout, and runs the TLS handshake
 //! (`tls::client`) when the upstream has `tls`. With `protocol = "auto"`
-//! the connection speaks HTTP/2 when ALPN picked `h2`, else HTTP/1.1.
+//! the connection speaks HTTP/2 when ALPN picked `h2`, else HTTP/1.1. It
+//! lives in the backend's long-lived state, so its pooled connections
+//! survive a reload and close when a removed backend's last call ends.
 //! Transport errors are classified into [`ProxyError`] here.
 
 use std::future::Future;
@@ -24,10 +26,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::{PoolConfig, UpstreamProtocol};
+use crate::config::{PoolConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::proxy::body::RequestBody;
 use crate::proxy::error::ProxyError;
 use crate::tls::client::UpstreamTls;
+use crate::upstream::backend::BackendKey;
 
 /// Why a connection to a backend could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -174,8 +177,7 @@ impl tower_service::Service<Uri> for Connector {
             let Some(tls) = tls else {
                 return Ok(TokioIo::new(BackendStream::Plain(stream)));
             };
-            let name = tls.server_name(addr);
-            let handshake = tokio::time::timeout_at(deadline, tls.connect(stream, name)).await;
+            let handshake = tokio::time::timeout_at(deadline, tls.connect(stream)).await;
             match handshake {
                 Err(_) => Err(ConnectError::Timeout { addr, after }),
                 Ok(Err(source)) => {
@@ -188,25 +190,52 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A pooled client for the backends of one upstream.
+/// What a client is built from: a change to any of it needs a new client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientSettings {
+    pub protocol: UpstreamProtocol,
+    pub pool: PoolConfig,
+    pub connect_timeout: Duration,
+    /// `upstream.tls`, with the CA and client certificate as loaded.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+impl Default for ClientSettings {
+    /// The defaults of an upstream's `protocol`, `pool`,
+    /// `timeouts.connect` and `tls`.
+    fn default() -> Self {
+        ClientSettings {
+            protocol: UpstreamProtocol::Http1,
+            pool: PoolConfig {
+                max_idle_per_backend: 64,
+                idle_timeout: Duration::from_secs(90),
+            },
+            connect_timeout: Duration::from_secs(1),
+            tls: None,
+        }
+    }
+}
+
+/// A pooled client for one backend.
 #[derive(Clone)]
 pub struct UpstreamClient {
     inner: Client<Connector, RequestBody>,
-    protocol: UpstreamProtocol,
+    settings: ClientSettings,
     tls: Option<Arc<UpstreamTls>>,
 }
 
 impl UpstreamClient {
-    /// A client of upstream `upstream` speaking `protocol` (over `tls` when
-    /// given), keeping up to `pool.max_idle_per_backend` idle connections
-    /// per backend for `pool.idle_timeout`.
-    pub fn new(
-        upstream: &str,
-        protocol: UpstreamProtocol,
-        pool: &PoolConfig,
-        connect_timeout: Duration,
-        tls: Option<Arc<UpstreamTls>>,
-    ) -> Self {
+    /// A client of the backend `key` at `addr` speaking `protocol` (over
+    /// TLS when `tls` is set), keeping up to `pool.max_idle_per_backend`
+    /// idle connections for `pool.idle_timeout`.
+    pub fn new(settings: ClientSettings, key: &BackendKey, addr: SocketAddr) -> Self {
+        let ClientSettings {
+            protocol,
+            pool,
+            connect_timeout,
+            tls,
+        } = &settings;
+        let (protocol, connect_timeout) = (*protocol, *connect_timeout);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
@@ -214,29 +243,32 @@ impl UpstreamClient {
             .pool_idle_timeout(pool.idle_timeout)
             .pool_max_idle_per_host(pool.max_idle_per_backend)
             .http2_only(protocol == UpstreamProtocol::H2);
+        let tls = tls
+            .as_ref()
+            .map(|tls| Arc::new(UpstreamTls::new(tls, protocol, &key.address, addr)));
         let connector = Connector {
             connect_timeout,
             tls: tls.clone(),
-            upstream: Arc::from(upstream),
+            upstream: Arc::clone(&key.upstream),
         };
         UpstreamClient {
             inner: builder.build(connector),
-            protocol,
+            settings,
             tls,
         }
     }
 
-    /// The protocol requests are sent with.
-    pub fn protocol(&self) -> UpstreamProtocol {
-        self.protocol
+    /// What this client was built from.
+    pub fn settings(&self) -> &ClientSettings {
+        &self.settings
     }
 
-    /// The upstream's TLS, when it has `tls`.
+    /// The backend's TLS, when the upstream has `tls`.
     pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
         self.tls.as_ref()
     }
 
-    /// The URI scheme of requests to the backends: `https` with TLS.
+    /// The URI scheme of requests to the backend: `https` with TLS.
     pub fn scheme(&self) -> http::uri::Scheme {
         if self.tls.is_some() {
             http::uri::Scheme::HTTPS
@@ -246,13 +278,14 @@ impl UpstreamClient {
     }
 
     /// Sends `req` (its URI names the backend) and returns the response head
-    /// with a streaming body.
-    pub async fn send(
+    /// with a streaming body. The future does not borrow the client.
+    pub fn send(
         &self,
         addr: SocketAddr,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        self.inner.request(req).await.map_err(|e| classify(addr, e))
+    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static {
+        let sending = self.inner.request(req);
+        async move { sending.await.map_err(|e| classify(addr, e)) }
     }
 }
 

@@ -1,6 +1,7 @@
-//! Upstreams: a named group of backends with a balancer, limits and a
-//! pooled client. Built once per snapshot; the per-backend state inside
-//! comes from the registry and outlives the snapshot.
+//! Upstreams: a named group of backends with a balancer and limits. Built
+//! once per snapshot (or carried over whole when a reload leaves it
+//! unchanged); the per-backend state inside, pooled client included, comes
+//! from the registry and outlives the snapshot.
 
 pub mod backend;
 pub mod client;
@@ -14,9 +15,9 @@ use crate::config::UpstreamConfig;
 use crate::proxy::error::ProxyError;
 use crate::resilience::limit::InFlightLimit;
 use crate::resilience::retry::{RetryBudget, RetryOn};
-use crate::tls::client::UpstreamTls;
+use crate::tls::client::server_name;
 use backend::{BackendKey, BackendState, RequestGuard};
-use client::UpstreamClient;
+use client::ClientSettings;
 use prometheus::IntCounter;
 use registry::Registry;
 
@@ -31,14 +32,35 @@ pub struct Upstream {
     /// Caps the retries this upstream adds.
     pub budget: RetryBudget,
     retries: RetryMetrics,
-    pub client: UpstreamClient,
     pub shed: ShedMetrics,
 }
 
 impl Upstream {
     /// Builds the upstream, taking backend state from `registry`.
-    pub fn from_config(config: &UpstreamConfig, registry: &Registry, metrics: &Metrics) -> Self {
+    /// `previous` is the upstream of the same name in the snapshot being
+    /// replaced: its in-flight count carries over, so `max_in_flight` holds
+    /// across a reload.
+    pub fn from_config(
+        config: &UpstreamConfig,
+        previous: Option<&Upstream>,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) -> Self {
         let name: Arc<str> = Arc::from(config.name.as_str());
+        let mut tls = config.tls.clone();
+        if let (Some(tls), Some(discovery)) = (&mut tls, &config.discovery) {
+            // Discovered backends are IP addresses: their own host is the
+            // name they were found under.
+            if tls.sni.is_none() {
+                tls.sni = server_name(discovery.host.trim_end_matches('.')).ok();
+            }
+        }
+        let client = ClientSettings {
+            protocol: config.protocol,
+            pool: config.pool.clone(),
+            connect_timeout: config.timeouts.connect,
+            tls,
+        };
         let backends: Vec<_> = config
             .backends
             .iter()
@@ -47,14 +69,18 @@ impl Upstream {
                     upstream: Arc::clone(&name),
                     address: Arc::from(b.address.as_str()),
                 };
-                let state = registry.get_or_create(key, b.socket_addr, metrics);
+                let state = registry.get_or_create(key, b.socket_addr, metrics, &client);
                 state.configure_breaker(config.circuit_breaker.as_ref());
+                state.configure_client(&client);
                 state
             })
             .collect();
         let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
         let addresses: Vec<&str> = config.backends.iter().map(|b| b.address.as_str()).collect();
-        let limit = InFlightLimit::new(config.max_in_flight);
+        let limit = match previous {
+            Some(p) => InFlightLimit::sharing(config.max_in_flight, p.limit.counter()),
+            None => InFlightLimit::new(config.max_in_flight),
+        };
         let balancer = balance::build(
             config.balancer,
             &weights,
@@ -67,16 +93,6 @@ impl Upstream {
             limit,
             budget: RetryBudget::new(config.retry.budget),
             retries: metrics.retries(&config.name),
-            client: UpstreamClient::new(
-                &config.name,
-                config.protocol,
-                &config.pool,
-                config.timeouts.connect,
-                config
-                    .tls
-                    .as_ref()
-                    .map(|tls| Arc::new(UpstreamTls::new(tls, config.protocol, &config.backends))),
-            ),
             shed: metrics.shed(&config.name),
             backends,
             name,
@@ -168,5 +184,60 @@ impl Upstream {
     fn admits(&self, backend: &BackendState) -> bool {
         let max = self.config.max_in_flight_per_backend;
         backend.is_healthy() && (max == 0 || backend.in_flight() < max) && backend.circuit_allows()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use rustls::pki_types::ServerName;
+
+    use super::*;
+    use crate::config::BackendConfig;
+
+    /// The server name TLS to the first backend of `upstream` uses, once
+    /// `addr` is its only backend.
+    fn name_for(upstream: &str, addr: &str) -> ServerName<'static> {
+        let text = format!(
+            "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
+             [[upstream]]\nname = \"app\"\n{upstream}\n"
+        );
+        let mut config = crate::config::from_str(&text, "test.toml").expect("valid");
+        let socket_addr: SocketAddr = addr.parse().expect("address");
+        config.upstreams[0].backends = vec![BackendConfig {
+            address: addr.to_owned(),
+            socket_addr,
+            weight: 1,
+        }];
+        let upstream = Upstream::from_config(
+            &config.upstreams[0],
+            None,
+            &Registry::default(),
+            &Metrics::new(),
+        );
+        let client = upstream.backends[0].client();
+        client.tls().expect("tls").server_name()
+    }
+
+    #[tokio::test]
+    async fn discovered_backends_are_verified_against_the_discovery_name() {
+        let name = name_for(
+            "discovery = { dns = \"app.default.svc.:8443\" }\ntls = { verify = false }",
+            "10.0.0.7:8443",
+        );
+        assert_eq!(name, ServerName::try_from("app.default.svc").expect("name"));
+        // `sni` still wins.
+        let name = name_for(
+            "discovery = { dns = \"app.default.svc:8443\" }\ntls = { verify = false, sni = \"app.test\" }",
+            "10.0.0.7:8443",
+        );
+        assert_eq!(name, ServerName::try_from("app.test").expect("name"));
+        // A listed IP address is its own name.
+        let name = name_for(
+            "backends = [\"10.0.0.7:8443\"]\ntls = { verify = false }",
+            "10.0.0.7:8443",
+        );
+        assert_eq!(name, ServerName::try_from("10.0.0.7").expect("name"));
     }
 }

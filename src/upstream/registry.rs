@@ -2,14 +2,16 @@
 //!
 //! Snapshot builds ask it for the state of each configured backend; a
 //! backend that keeps its upstream name and address gets the same
-//! `Arc<BackendState>` back, so counters and in-flight survive a reload.
-//! Only snapshot builds take its lock, never the data path.
+//! `Arc<BackendState>` back, so health, circuit, counters, in-flight and
+//! pooled connections survive a reload. Only snapshot builds take its lock,
+//! never the data path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use super::backend::{BackendKey, BackendState};
+use super::client::ClientSettings;
 use crate::admin::metrics::Metrics;
 
 /// `BackendKey -> Arc<BackendState>`.
@@ -19,25 +21,47 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The state for `key`, created (with its metric handles) if new.
+    /// The state for `key`, created (with its metric handles and a client
+    /// built from `client`) if new. A name that now resolves to another
+    /// address gets fresh state: what was learnt about the old address
+    /// says nothing about the new one.
     pub fn get_or_create(
         &self,
         key: BackendKey,
         addr: SocketAddr,
         metrics: &Metrics,
+        client: &ClientSettings,
     ) -> Arc<BackendState> {
         let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(map.entry(key.clone()).or_insert_with(|| {
-            let handles = metrics.backend(&key.upstream, &key.address);
-            Arc::new(BackendState::new(key, addr, handles))
-        }))
+        match map.get(&key) {
+            Some(state) if state.addr == addr => Arc::clone(state),
+            _ => {
+                let handles = metrics.backend(&key.upstream, &key.address);
+                let state = Arc::new(BackendState::new(
+                    key.clone(),
+                    addr,
+                    handles,
+                    client.clone(),
+                ));
+                map.insert(key, Arc::clone(&state));
+                state
+            }
+        }
     }
 
-    /// Forgets every backend not in `keep`; calls in flight on them finish
-    /// on the `Arc`s they hold.
-    pub fn retain(&self, keep: &dyn Fn(&BackendKey) -> bool) {
+    /// Forgets every backend for which `keep` is false and returns their
+    /// keys; calls in flight on them finish on the `Arc`s they hold.
+    pub fn retain(&self, keep: &dyn Fn(&Arc<BackendState>) -> bool) -> Vec<BackendKey> {
         let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|k, _| keep(k));
+        let mut removed = Vec::new();
+        map.retain(|k, state| {
+            let kept = keep(state);
+            if !kept {
+                removed.push(k.clone());
+            }
+            kept
+        });
+        removed
     }
 
     /// How many backends are known.

@@ -27,6 +27,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use sluice::config;
+
+pub mod process;
 use sluice::runtime::{self, Running};
 
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;

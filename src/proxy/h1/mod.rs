@@ -197,8 +197,9 @@ impl From<Reject> for ServeError {
 /// closing (HTTP/1.0); a body that ends short of or runs past its length
 /// closes the connection.
 ///
-/// Shutdown: while idle the connection closes at once; a request in progress
-/// is finished and answered with `connection: close`.
+/// Shutdown: while idle the connection closes at once; a request in progress,
+/// or one whose bytes are already waiting, is finished and answered with
+/// `connection: close`.
 ///
 /// Returns `Ok(())` on a clean close by the client, an idle timeout or a
 /// shutdown.
@@ -467,7 +468,7 @@ where
 }
 
 /// Waits, holding no buffer, for the next request's first bytes. `None`:
-/// idle timeout or shutdown.
+/// idle timeout, or shutdown with no byte waiting.
 async fn wait_for_request(
     conn: &Shared,
     settings: &H1Settings,
@@ -500,10 +501,13 @@ async fn wait_for_request(
     };
     // `park_after` is below the idle timeout when set.
     let idle = tokio::time::sleep(park_after.unwrap_or(settings.idle_timeout));
+    // A request that has already arrived is served (and answered with
+    // `connection: close`) rather than cut off by a shutdown: closing with
+    // its bytes unread would reset the connection under the client.
     tokio::select! {
         biased;
-        () = shutdown.cancelled() => None,
         r = arrival => Some(r),
+        () = shutdown.cancelled() => None,
         () = idle => park_after.map(|p| Ok(Arrival::Park(p))),
     }
 }

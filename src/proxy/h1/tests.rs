@@ -806,6 +806,28 @@ async fn shutdown_while_idle_closes_at_once() {
 }
 
 #[tokio::test]
+async fn shutdown_still_serves_a_request_whose_bytes_have_arrived() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut client = Client::connect(listener.local_addr().expect("addr")).await;
+    client.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let (stream, _) = listener.accept().await.expect("accept");
+    // The request is in the socket before the codec looks, and the
+    // shutdown has already begun.
+    let mut peeked = [0u8; 4];
+    let n = stream.peek(&mut peeked).await.expect("peek");
+    assert_eq!(&peeked[..n], b"GET ");
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let served =
+        tokio::spawn(async move { serve_connection(stream, &settings(), shutdown, hello).await });
+    let resp = client.response().await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(client.is_closed().await);
+    assert!(served.await.expect("task").is_ok());
+}
+
+#[tokio::test]
 async fn shutdown_in_flight_finishes_the_request_with_connection_close() {
     let (entered_tx, entered_rx) = mpsc::unbounded_channel::<()>();
     let (release_tx, release_rx) = oneshot::channel::<()>();
