@@ -4,7 +4,8 @@
 //! immutable snapshot that requests read; `proxy` accepts connections and
 //! runs the HTTP pipeline; `upstream`, `balance` and `resilience` decide
 //! where a request goes and guard the backends; `admin` serves metrics and
-//! status; `runtime` starts, reloads and stops it all.
+//! status; `tls` terminates and originates TLS; `runtime` starts, reloads
+//! and stops it all.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -16,4 +17,5 @@ pub mod proxy;
 pub mod resilience;
 pub mod runtime;
 pub mod state;
+pub mod tls;
 pub mod upstream;

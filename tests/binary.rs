@@ -80,15 +80,6 @@ timeouts = { connect = "5 parsecs" }
 }
 
 #[test]
-fn check_rejects_keys_whose_feature_is_not_built_yet() {
-    let text = "[[listener]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n\
-                [[upstream]]\nname = \"u\"\nbackends = [\"127.0.0.1:2\"]\ntls = { verify = true }\n";
-    let (code, err) = check(text);
-    assert_eq!(code, 1);
-    assert!(err.contains("not supported yet"), "{err}");
-}
-
-#[test]
 fn sigterm_drains_lets_in_flight_finish_and_exits_0() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let backend = rt.block_on(Backend::start("a"));

@@ -82,6 +82,11 @@ const SPEC_METRICS: &[(&str, &str, &[&str])] = &[
         "counter",
         &["listener", "kind"],
     ),
+    (
+        "sluice_tls_certificate_reloads_total",
+        "counter",
+        &["listener", "result"],
+    ),
     ("sluice_config_last_reload_successful", "gauge", &[]),
     ("sluice_access_log_dropped_total", "counter", &[]),
     // The standard process metrics.

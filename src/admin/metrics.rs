@@ -46,7 +46,10 @@ const CIRCUIT_STATES: [CircuitState; 3] = [
 const SHED_REASONS: [&str; 3] = ["overloaded", "no_healthy_backend", "circuit_open"];
 
 /// The `kind` label values of `sluice_downstream_protocol_errors_total`.
-const PROTOCOL_ERRORS: [&str; 2] = ["proxy_protocol", "client_hello"];
+const PROTOCOL_ERRORS: [&str; 3] = ["proxy_protocol", "client_hello", "tls_handshake"];
+
+/// The `result` label values of `sluice_tls_certificate_reloads_total`.
+const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The registry and every metric family in it.
 #[derive(Clone)]
@@ -67,6 +70,7 @@ struct Families {
     downstream_total: IntCounterVec,
     tcp_bytes: IntCounterVec,
     protocol_errors: IntCounterVec,
+    tls_reloads: IntCounterVec,
     config_reloads: IntCounterVec,
     backend_up: IntGaugeVec,
     health_checks: IntCounterVec,
@@ -201,6 +205,9 @@ impl Families {
                 for kind in PROTOCOL_ERRORS {
                     let _ = self.protocol_errors.remove_label_values(&[l, kind]);
                 }
+                for result in RELOAD_RESULTS {
+                    let _ = self.tls_reloads.remove_label_values(&[l, result]);
+                }
             }
         }
     }
@@ -334,6 +341,13 @@ pub struct ListenerMetrics {
     /// TLS passthrough connections closed for a missing or malformed
     /// ClientHello.
     pub client_hello_errors: IntCounter,
+    /// TLS listeners: connections whose handshake failed or timed out.
+    pub tls_handshake_errors: IntCounter,
+    /// TLS listeners: certificate files reloaded after a change.
+    pub tls_reloaded: IntCounter,
+    /// TLS listeners: changed certificate files that did not load (the
+    /// certificates in use were kept).
+    pub tls_reload_failed: IntCounter,
     _lease: Lease,
 }
 
@@ -426,6 +440,11 @@ impl Metrics {
                 "sluice_downstream_protocol_errors_total",
                 "Client connections closed before proxying for malformed protocol input",
                 &["listener", "kind"],
+            ),
+            tls_reloads: counter(
+                "sluice_tls_certificate_reloads_total",
+                "Reloads of a TLS listener's changed certificate files, by result",
+                &["listener", "result"],
             ),
             retries: counter(
                 "sluice_retries_total",
@@ -627,22 +646,19 @@ impl Metrics {
             listener: listener.into(),
         };
         let (handles, lease) = self.families.lease(key, |f| {
-            let [proxy_protocol_errors, client_hello_errors] =
-                PROTOCOL_ERRORS.map(|k| f.protocol_errors.with_label_values(&[listener, k]));
             (
                 f.downstream_active.with_label_values(&[listener]),
                 f.downstream_parked.with_label_values(&[listener]),
-                f.downstream_total
-                    .with_label_values(&[listener, "accepted"]),
-                f.downstream_total
-                    .with_label_values(&[listener, "rejected"]),
-                f.tcp_bytes.with_label_values(&[listener, "rx"]),
-                f.tcp_bytes.with_label_values(&[listener, "tx"]),
-                proxy_protocol_errors,
-                client_hello_errors,
+                ["accepted", "rejected"]
+                    .map(|r| f.downstream_total.with_label_values(&[listener, r])),
+                ["rx", "tx"].map(|d| f.tcp_bytes.with_label_values(&[listener, d])),
+                PROTOCOL_ERRORS.map(|k| f.protocol_errors.with_label_values(&[listener, k])),
+                RELOAD_RESULTS.map(|r| f.tls_reloads.with_label_values(&[listener, r])),
             )
         });
-        let (active, parked, accepted, rejected, bytes_rx, bytes_tx, pp, hello) = handles;
+        let (active, parked, [accepted, rejected], [bytes_rx, bytes_tx], errors, reloads) = handles;
+        let [proxy_protocol_errors, client_hello_errors, tls_handshake_errors] = errors;
+        let [tls_reloaded, tls_reload_failed] = reloads;
         ListenerMetrics {
             active,
             parked,
@@ -650,8 +666,11 @@ impl Metrics {
             rejected,
             bytes_rx,
             bytes_tx,
-            proxy_protocol_errors: pp,
-            client_hello_errors: hello,
+            proxy_protocol_errors,
+            client_hello_errors,
+            tls_handshake_errors,
+            tls_reloaded,
+            tls_reload_failed,
             _lease: lease,
         }
     }

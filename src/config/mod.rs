@@ -12,6 +12,8 @@ mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -108,17 +110,142 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<Cidr>,
     pub timeouts: ListenerTimeouts,
     pub routes: Vec<RouteConfig>,
+    /// http only: terminate TLS with these certificates.
+    pub tls: Option<ListenerTlsConfig>,
+}
+
+/// `listener.tls`: TLS termination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTlsConfig {
+    /// In file order; each is chosen by the names in its subjectAltName
+    /// extension, and the first is the default (no SNI, or an unknown one).
+    pub certificates: Vec<CertificateConfig>,
+    /// Protocols offered by ALPN, in order of preference; empty = no ALPN
+    /// (HTTP/1.1).
+    pub alpn: Vec<Alpn>,
+    /// Verify client certificates against these CAs.
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// What a listener's TLS is made from, without the files' contents: the
+/// certificate and CA paths and the options (see
+/// [`ListenerTlsConfig::setup`]).
+pub type TlsSetup = (Vec<(PathBuf, PathBuf)>, Vec<Alpn>, Option<(PathBuf, bool)>);
+
+impl ListenerTlsConfig {
+    /// The paths and options, which are read at the listener's start; the
+    /// files' contents are watched and reloaded by the listener itself.
+    pub fn setup(&self) -> TlsSetup {
+        (
+            self.certificates
+                .iter()
+                .map(|c| (c.cert.clone(), c.key.clone()))
+                .collect(),
+            self.alpn.clone(),
+            self.client_auth
+                .as_ref()
+                .map(|c| (c.ca.clone(), c.required)),
+        )
+    }
+}
+
+/// A certificate chain file and its private key file, with what they held
+/// when the config was loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub loaded: crate::tls::files::CertKey,
+}
+
+/// An ALPN protocol a listener offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http11,
+}
+
+impl Alpn {
+    /// The protocol id on the wire (and in the config).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Alpn::H2 => "h2",
+            Alpn::Http11 => "http/1.1",
+        }
+    }
+}
+
+/// `listener.tls.client_ca` and `client_auth`: mutual TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAuthConfig {
+    pub ca: PathBuf,
+    pub loaded: crate::tls::files::CaCerts,
+    /// `true`: a client without a valid certificate fails the handshake.
+    /// `false`: one without any certificate is let in (with no subject);
+    /// an invalid certificate still fails.
+    pub required: bool,
+}
+
+/// `upstream.tls`: TLS to the backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTlsConfig {
+    /// The name sent as SNI and verified; `None` = each backend's host
+    /// (its DNS name or IP address).
+    pub sni: Option<rustls::pki_types::ServerName<'static>>,
+    /// Verify the backend's certificate chain and name.
+    pub verify: bool,
+    /// CA file to verify against; `None` = the system's roots.
+    pub ca: Option<PathBuf>,
+    /// The trust roots: from `ca`, else the system's (empty when
+    /// `verify` is off).
+    pub roots: UpstreamRoots,
+    /// Client certificate presented to the backends.
+    pub client_cert: Option<CertificateConfig>,
+}
+
+/// The trust roots of an upstream's TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamRoots {
+    /// `verify = false`.
+    None,
+    /// The operating system's, read when the config was loaded.
+    System(SystemRoots),
+    /// From `ca`.
+    File(crate::tls::files::CaCerts),
+}
+
+/// The operating system's trust roots.
+#[derive(Clone)]
+pub struct SystemRoots(pub std::sync::Arc<rustls::RootCertStore>);
+
+/// The system's roots are the same store on every load.
+impl PartialEq for SystemRoots {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for SystemRoots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SystemRoots({} roots)", self.0.len())
+    }
 }
 
 impl ListenerConfig {
     /// Whether connections are accepted the same way (protocol, limits,
-    /// PROXY protocol, timeouts); routes and the rest are read from the
-    /// snapshot per request, so they do not matter here.
+    /// PROXY protocol, timeouts, TLS); routes and the rest are read from the
+    /// snapshot per request, so they do not matter here. The TLS acceptor is
+    /// built when an accept loop starts, so a change to `tls` (adding or
+    /// removing it, its certificate, key or CA paths, ALPN, client
+    /// authentication) needs a new accept loop; new contents of the same
+    /// files do not, the running loop's watcher reloads them.
     pub fn accepts_like(&self, other: &ListenerConfig) -> bool {
         self.protocol == other.protocol
             && self.max_connections == other.max_connections
             && self.proxy_protocol == other.proxy_protocol
             && self.timeouts == other.timeouts
+            && self.tls.as_ref().map(ListenerTlsConfig::setup)
+                == other.tls.as_ref().map(ListenerTlsConfig::setup)
     }
 }
 
@@ -314,8 +441,11 @@ pub const DEFAULT_BOUNDED_LOAD: f64 = 1.25;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
     Http1,
-    /// HTTP/2 over cleartext with prior knowledge.
+    /// HTTP/2: with prior knowledge over cleartext, or over TLS.
     H2,
+    /// With `tls` only: HTTP/2 when the backend picks `h2` by ALPN, else
+    /// HTTP/1.1.
+    Auto,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -349,6 +479,8 @@ pub struct UpstreamConfig {
     pub max_in_flight_per_backend: usize,
     pub pool: PoolConfig,
     pub timeouts: UpstreamTimeouts,
+    /// TLS to the backends.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

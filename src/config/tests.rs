@@ -465,7 +465,7 @@ timeouts = { connect = "5" }
         [
             "sluice.toml:4:1: listener[0]: unknown key \"upstrem\" (allowed: name, listen, \
              protocol, upstream, max_connections, proxy_protocol, trusted_proxies, timeouts, \
-             tls_passthrough, route); did you mean \"upstream\"?",
+             tls_passthrough, tls, route); did you mean \"upstream\"?",
             "sluice.toml:5:19: listener[0].max_connections: expected an integer, found string",
             "sluice.toml:6:12: listener[0].upstream: unknown upstream \"apii\" (known: api); \
              did you mean \"api\"?",
@@ -775,35 +775,6 @@ fn enumerated_values_list_what_is_allowed() {
 
 // ---------------------------------------------------------------------------
 // Keys whose feature is not built yet
-
-#[test]
-fn each_unsupported_key_is_rejected_as_not_supported_yet() {
-    let listener_cases = [(
-        "tls = { certificates = [{ cert = \"a.pem\", key = \"a.key\" }] }",
-        "listener[0].tls",
-    )];
-    let upstream_cases = [
-        ("tls = { verify = true }", "upstream[0].tls"),
-        ("protocol = \"auto\"", "upstream[0].protocol"),
-    ];
-    let cases = listener_cases
-        .iter()
-        .map(|(extra, path)| (listener_with(extra), *path))
-        .chain(
-            upstream_cases
-                .iter()
-                .map(|(extra, path)| (upstream_with(extra), *path)),
-        );
-    for (text, path) in cases {
-        let error = one_error(&text);
-        assert_eq!(error.path, path, "in:\n{text}");
-        assert!(
-            error.message.contains("not supported yet"),
-            "{path}: {}",
-            error.message
-        );
-    }
-}
 
 #[test]
 fn unsupported_keys_at_their_default_are_accepted() {

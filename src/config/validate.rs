@@ -11,7 +11,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::ops::RangeInclusive;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue};
 use serde_spanned::Spanned;
@@ -21,12 +22,15 @@ use super::schema::{
     did_you_mean, expect_str, expect_table, join_index, join_key, Problems, TableReader, Value,
 };
 use super::{
-    AdminConfig, BackendConfig, BalancerKind, Cidr, CircuitBreakerConfig, Config, ConfigSource,
-    DiscoveryConfig, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig,
-    ListenerProtocol, ListenerTimeouts, LogConfig, LogFormat, PoolConfig, ProxyProtocolVersion,
-    RetryConfig, RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, UpstreamConfig,
-    UpstreamProtocol, UpstreamTimeouts, DEFAULT_BOUNDED_LOAD, DEFAULT_VNODES,
+    AdminConfig, Alpn, BackendConfig, BalancerKind, CertificateConfig, Cidr, CircuitBreakerConfig,
+    ClientAuthConfig, Config, ConfigSource, DiscoveryConfig, HashKey, HealthCheckConfig,
+    HealthCheckKind, HostMatch, ListenerConfig, ListenerProtocol, ListenerTimeouts,
+    ListenerTlsConfig, LogConfig, LogFormat, PoolConfig, ProxyProtocolVersion, RetryConfig,
+    RouteConfig, RouteTarget, RuntimeConfig, ShutdownConfig, SystemRoots, UpstreamConfig,
+    UpstreamProtocol, UpstreamRoots, UpstreamTimeouts, UpstreamTlsConfig, DEFAULT_BOUNDED_LOAD,
+    DEFAULT_VNODES,
 };
+use crate::tls::{self, files};
 
 const ROOT_KEYS: &[&str] = &[
     "runtime", "admin", "log", "shutdown", "listener", "upstream",
@@ -46,10 +50,13 @@ const LISTENER_KEYS: &[&str] = &[
     "trusted_proxies",
     "timeouts",
     "tls_passthrough",
+    "tls",
     "route",
 ];
-const LISTENER_UNSUPPORTED: &[&str] = &["tls"];
+const LISTENER_UNSUPPORTED: &[&str] = &[];
 const LISTENER_TIMEOUT_KEYS: &[&str] = &["client_header", "idle"];
+const LISTENER_TLS_KEYS: &[&str] = &["certificates", "alpn", "client_ca", "client_auth"];
+const CERTIFICATE_KEYS: &[&str] = &["cert", "key"];
 
 const ROUTE_KEYS: &[&str] = &["host", "path_prefix", "headers", "sni", "upstream", "split"];
 const ROUTE_UNSUPPORTED: &[&str] = &[];
@@ -72,7 +79,9 @@ const UPSTREAM_KEYS: &[&str] = &[
     "slow_start",
     "pool",
     "timeouts",
+    "tls",
 ];
+const UPSTREAM_TLS_KEYS: &[&str] = &["sni", "ca", "verify", "cert", "key"];
 const HASH_KEYS: &[&str] = &["vnodes", "bounded_load"];
 const BREAKER_KEYS: &[&str] = &[
     "consecutive_failures",
@@ -93,7 +102,7 @@ const HEALTH_KEYS: &[&str] = &[
     "unhealthy_threshold",
     "expect_status",
 ];
-const UPSTREAM_UNSUPPORTED: &[&str] = &["tls"];
+const UPSTREAM_UNSUPPORTED: &[&str] = &[];
 const DISCOVERY_KEYS: &[&str] = &["dns", "refresh"];
 const RETRY_KEYS: &[&str] = &["attempts", "on", "backoff_base", "backoff_max", "budget"];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
@@ -111,9 +120,12 @@ pub(super) const ACCEPTED_KEYS: &[&[&str]] = &[
     SHUTDOWN_KEYS,
     LISTENER_KEYS,
     LISTENER_TIMEOUT_KEYS,
+    LISTENER_TLS_KEYS,
+    CERTIFICATE_KEYS,
     ROUTE_KEYS,
     SPLIT_KEYS,
     UPSTREAM_KEYS,
+    UPSTREAM_TLS_KEYS,
     HASH_KEYS,
     HEALTH_KEYS,
     BREAKER_KEYS,
@@ -136,6 +148,12 @@ pub(super) fn config(
 ) -> Option<Config> {
     let root = TableReader::root(root);
     root.reject_unknown_keys(problems, ROOT_KEYS, &[]);
+    // Certificate and key paths are relative to the config file.
+    let base = source
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
 
     let runtime = runtime(&root.section(problems, "runtime"), problems);
     let admin = admin(&root.section(problems, "admin"), problems);
@@ -147,7 +165,7 @@ pub(super) fn config(
     let known = known_names(&upstream_tables);
     let upstreams: Vec<Option<UpstreamConfig>> = upstream_tables
         .iter()
-        .map(|t| upstream(t, problems))
+        .map(|t| upstream(t, &base, problems))
         .collect();
 
     let listener_tables = required_tables(&root, problems, "listener");
@@ -158,9 +176,20 @@ pub(super) fn config(
         .filter(|u| u.send_proxy_protocol.is_some())
         .map(|u| u.name.clone())
         .collect();
+    let uses_tls: Vec<String> = upstreams
+        .iter()
+        .flatten()
+        .filter(|u| u.tls.is_some())
+        .map(|u| u.name.clone())
+        .collect();
+    let refs = UpstreamRefs {
+        known: &known,
+        sends_proxy: &sends_proxy,
+        uses_tls: &uses_tls,
+    };
     let listeners: Vec<Option<ListenerConfig>> = listener_tables
         .iter()
-        .map(|t| listener(t, &known, &sends_proxy, problems))
+        .map(|t| listener(t, &refs, &base, problems))
         .collect();
     reject_shared_addresses(&listener_tables, &listeners, admin.listen, problems);
 
@@ -325,6 +354,16 @@ fn reject_duplicate_names(tables: &[TableReader<'_, '_>], kind: &str, problems: 
 // ---------------------------------------------------------------------------
 // Listeners and routes
 
+/// What a listener may know of the upstreams it references.
+struct UpstreamRefs<'a> {
+    /// Every upstream name.
+    known: &'a [String],
+    /// Upstreams that send the PROXY protocol (tcp listeners only).
+    sends_proxy: &'a [String],
+    /// Upstreams that speak TLS to their backends (http listeners only).
+    uses_tls: &'a [String],
+}
+
 /// Listeners bind with `SO_REUSEPORT` (so a new process can take over while
 /// the old one drains), which would let two listeners of one config share a
 /// port silently: reject listen addresses that overlap each other or the
@@ -363,12 +402,12 @@ fn reject_shared_addresses(
 
 fn listener(
     t: &TableReader<'_, '_>,
-    known: &[String],
-    sends_proxy: &[String],
+    refs: &UpstreamRefs<'_>,
+    base: &Path,
     problems: &mut Problems,
 ) -> Option<ListenerConfig> {
+    let known = refs.known;
     t.reject_unknown_keys(problems, LISTENER_KEYS, LISTENER_UNSUPPORTED);
-    t.reject_unsupported(problems, "tls");
 
     let name = name(t, problems);
     let listen = t
@@ -446,35 +485,57 @@ fn listener(
             }
         }
     }
-    if is_http {
-        let referenced = t
-            .get("upstream")
-            .and_then(|v| v.get_ref().as_str())
-            .into_iter()
-            .chain(route_tables.iter().flat_map(|r| {
-                r.get("upstream")
-                    .and_then(|v| v.get_ref().as_str())
-                    .into_iter()
-                    .chain(
-                        r.get("split")
-                            .and_then(|v| v.get_ref().as_array())
-                            .into_iter()
-                            .flat_map(|a| a.iter())
-                            .filter_map(|item| item.get_ref().get("upstream"))
-                            .filter_map(|v| v.get_ref().as_str()),
-                    )
-            }));
-        for name in referenced {
-            if sends_proxy.iter().any(|s| s == name) {
-                problems.push(
-                    t.span(),
-                    t.path(),
-                    format!(
-                        "upstream {name:?} sends the PROXY protocol, which only tcp listeners can do \
-                         (HTTP requests carry X-Forwarded-For instead)"
-                    ),
-                );
-            }
+    let referenced = t
+        .get("upstream")
+        .and_then(|v| v.get_ref().as_str())
+        .into_iter()
+        .chain(route_tables.iter().flat_map(|r| {
+            r.get("upstream")
+                .and_then(|v| v.get_ref().as_str())
+                .into_iter()
+                .chain(
+                    r.get("split")
+                        .and_then(|v| v.get_ref().as_array())
+                        .into_iter()
+                        .flat_map(|a| a.iter())
+                        .filter_map(|item| item.get_ref().get("upstream"))
+                        .filter_map(|v| v.get_ref().as_str()),
+                )
+        }));
+    for name in referenced {
+        if is_http && refs.sends_proxy.iter().any(|s| s == name) {
+            problems.push(
+                t.span(),
+                t.path(),
+                format!(
+                    "upstream {name:?} sends the PROXY protocol, which only tcp listeners can do \
+                     (HTTP requests carry X-Forwarded-For instead)"
+                ),
+            );
+        }
+        if !is_http && refs.uses_tls.iter().any(|s| s == name) {
+            problems.push(
+                t.span(),
+                t.path(),
+                format!(
+                    "upstream {name:?} has tls, which only http listeners use \
+                     (a tcp listener passes the client's bytes through untouched)"
+                ),
+            );
+        }
+    }
+
+    let tls = t
+        .table(problems, "tls")
+        .and_then(|tls| listener_tls(&tls, base, problems));
+    if !is_http {
+        if let Some(span) = t.key_span("tls") {
+            problems.push(
+                span,
+                &t.key_path("tls"),
+                "tls termination needs protocol = \"http\" \
+                 (a tcp listener can route TLS by its SNI with tls_passthrough)",
+            );
         }
     }
 
@@ -489,6 +550,7 @@ fn listener(
         trusted_proxies,
         timeouts,
         routes: routes.into_iter().collect::<Option<_>>()?,
+        tls,
     })
 }
 
@@ -933,7 +995,11 @@ fn hash_key(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<HashKey>
     key
 }
 
-fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<UpstreamConfig> {
+fn upstream(
+    t: &TableReader<'_, '_>,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<UpstreamConfig> {
     t.reject_unknown_keys(problems, UPSTREAM_KEYS, UPSTREAM_UNSUPPORTED);
     for key in UPSTREAM_UNSUPPORTED {
         t.reject_unsupported(problems, key);
@@ -963,11 +1029,32 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         (Some(_), None) => Some(Vec::new()),
         (None, _) => backends(t, problems),
     };
-    // "auto" picks h2 or http1 by ALPN, which needs upstream tls.
-    let protocol = match choice(t, problems, "protocol", &["http1", "h2"], &["auto"]) {
+    let tls = t
+        .table(problems, "tls")
+        .and_then(|tls| upstream_tls(&tls, base, problems));
+    let protocol = match choice(t, problems, "protocol", &["http1", "h2", "auto"], &[]) {
         Some("h2") => UpstreamProtocol::H2,
+        Some("auto") => UpstreamProtocol::Auto,
         _ => UpstreamProtocol::Http1,
     };
+    if protocol == UpstreamProtocol::Auto && t.get("tls").is_none() {
+        if let Some(value) = t.get("protocol") {
+            problems.push(
+                value.span(),
+                &t.key_path("protocol"),
+                "protocol \"auto\" picks h2 or http/1.1 by ALPN, which needs tls",
+            );
+        }
+    }
+    if let (Some(span), true) = (t.key_span("tls"), send_proxy_protocol.is_some()) {
+        problems.push(
+            span,
+            &t.key_path("tls"),
+            "tls is for upstreams of http listeners and send_proxy_protocol for those of tcp listeners; \
+             an upstream cannot have both",
+        );
+    }
+
     let max_in_flight = count(t, problems, "max_in_flight", 0, 1000);
     let max_in_flight_per_backend = count(t, problems, "max_in_flight_per_backend", 0, 0);
     let health_check = t
@@ -1025,6 +1112,7 @@ fn upstream(t: &TableReader<'_, '_>, problems: &mut Problems) -> Option<Upstream
         slow_start,
         pool,
         timeouts,
+        tls,
     })
 }
 
@@ -1210,6 +1298,219 @@ fn resolve_backend(
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// TLS
+
+/// `listener.tls = { certificates = [{ cert, key }, ...], alpn, client_ca,
+/// client_auth }`. Every file is read and checked now, so a broken one is
+/// a config error naming it.
+fn listener_tls(
+    t: &TableReader<'_, '_>,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<ListenerTlsConfig> {
+    t.reject_unknown_keys(problems, LISTENER_TLS_KEYS, &[]);
+    let certificates = match t.get("certificates") {
+        None => {
+            t.missing(problems, "certificates");
+            None
+        }
+        Some(value) => {
+            if value.get_ref().as_array().is_some_and(|a| a.is_empty()) {
+                problems.push(
+                    value.span(),
+                    &t.key_path("certificates"),
+                    "must list at least one { cert, key }",
+                );
+            }
+            let loaded: Vec<Option<CertificateConfig>> = t
+                .tables(problems, "certificates")
+                .iter()
+                .map(|c| {
+                    c.reject_unknown_keys(problems, CERTIFICATE_KEYS, &[]);
+                    cert_key_pair(c, base, problems)
+                })
+                .collect();
+            loaded
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .filter(|c| !c.is_empty())
+        }
+    };
+    let alpn = alpn(t, problems);
+    let client_ca = t.str(problems, "client_ca").and_then(|path| {
+        let resolved = files::resolve(base, path.get_ref());
+        match files::load_ca(&resolved) {
+            Ok(loaded) => Some((resolved, loaded)),
+            Err(e) => {
+                problems.push(path.span(), &t.key_path("client_ca"), e.to_string());
+                None
+            }
+        }
+    });
+    let required =
+        choice(t, problems, "client_auth", &["required", "optional"], &[]) != Some("optional");
+    if let (Some(span), None) = (t.key_span("client_auth"), t.get("client_ca")) {
+        problems.push(
+            span,
+            &t.key_path("client_auth"),
+            "client_auth needs client_ca (the CA file client certificates are verified against)",
+        );
+    }
+    let certificates = certificates?;
+    if t.get("client_ca").is_some() && client_ca.is_none() {
+        return None;
+    }
+    let client_auth = client_ca.map(|(ca, loaded)| ClientAuthConfig {
+        ca,
+        loaded,
+        required,
+    });
+    let loaded: Vec<files::CertKey> = certificates.iter().map(|c| c.loaded.clone()).collect();
+    let auth = client_auth.as_ref().map(|c| (&c.loaded, c.required));
+    if let Err(e) = tls::server::build_config(&loaded, &alpn, auth, None) {
+        problems.push(t.span(), t.path(), tls::with_causes(&e));
+        return None;
+    }
+    Some(ListenerTlsConfig {
+        certificates,
+        alpn,
+        client_auth,
+    })
+}
+
+/// `cert` and `key` of one table: a certificate chain file and its private
+/// key file, both read and checked.
+fn cert_key_pair(
+    t: &TableReader<'_, '_>,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<CertificateConfig> {
+    let cert = t.required_str(problems, "cert");
+    let key = t.required_str(problems, "key");
+    let (cert, key) = (cert?, key?);
+    let cert_path = files::resolve(base, cert.get_ref());
+    let key_path = files::resolve(base, key.get_ref());
+    match files::load_cert_key(&cert_path, &key_path, &tls::provider(), SystemTime::now()) {
+        Ok(loaded) => Some(CertificateConfig {
+            cert: cert_path,
+            key: key_path,
+            loaded,
+        }),
+        Err(e) => {
+            let (span, name) = match e.part {
+                files::Part::Cert => (cert.span(), "cert"),
+                files::Part::Key => (key.span(), "key"),
+            };
+            problems.push(span, &t.key_path(name), e.to_string());
+            None
+        }
+    }
+}
+
+/// `alpn = ["h2", "http/1.1"]` (the default): what the listener offers, in
+/// order of preference.
+fn alpn(t: &TableReader<'_, '_>, problems: &mut Problems) -> Vec<Alpn> {
+    let Some(items) = t.array(problems, "alpn") else {
+        return vec![Alpn::H2, Alpn::Http11];
+    };
+    let path = t.key_path("alpn");
+    let mut protocols = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let item_path = join_index(&path, i);
+        let Some(name) = expect_str(problems, item, &item_path) else {
+            continue;
+        };
+        let protocol = match name {
+            "h2" => Alpn::H2,
+            "http/1.1" => Alpn::Http11,
+            other => {
+                problems.push(
+                    item.span(),
+                    &item_path,
+                    format!("unknown ALPN protocol {other:?} (allowed: h2, http/1.1)"),
+                );
+                continue;
+            }
+        };
+        if protocols.contains(&protocol) {
+            problems.push(item.span(), &item_path, format!("{name:?} is listed twice"));
+            continue;
+        }
+        protocols.push(protocol);
+    }
+    protocols
+}
+
+/// `upstream.tls = { sni, ca, verify, cert, key }`.
+fn upstream_tls(
+    t: &TableReader<'_, '_>,
+    base: &Path,
+    problems: &mut Problems,
+) -> Option<UpstreamTlsConfig> {
+    t.reject_unknown_keys(problems, UPSTREAM_TLS_KEYS, &[]);
+    let sni = t.str(problems, "sni").and_then(|s| {
+        match tls::client::server_name(&s.get_ref().to_ascii_lowercase()) {
+            Ok(name) => Some(name),
+            Err(why) => {
+                problems.push(s.span(), &t.key_path("sni"), why);
+                None
+            }
+        }
+    });
+    let sni_ok = t.get("sni").is_none() || sni.is_some();
+    let verify = t.bool(problems, "verify").is_none_or(|b| *b.get_ref());
+    let ca = t.str(problems, "ca");
+    let roots = match (&ca, verify) {
+        (Some(_), false) => {
+            let span = t.key_span("ca").unwrap_or_else(|| t.span());
+            problems.push(
+                span,
+                &t.key_path("ca"),
+                "ca does nothing with verify = false; remove one of them",
+            );
+            None
+        }
+        (None, false) => Some(UpstreamRoots::None),
+        (Some(path), true) => match files::load_ca(&files::resolve(base, path.get_ref())) {
+            Ok(loaded) => Some(UpstreamRoots::File(loaded)),
+            Err(e) => {
+                problems.push(path.span(), &t.key_path("ca"), e.to_string());
+                None
+            }
+        },
+        (None, true) => match files::system_roots() {
+            Ok(roots) => Some(UpstreamRoots::System(SystemRoots(roots))),
+            Err(why) => {
+                problems.push(t.span(), t.path(), why);
+                None
+            }
+        },
+    };
+    let client_cert = match (t.get("cert"), t.get("key")) {
+        (None, None) => Some(None),
+        (Some(_), None) => {
+            t.missing(problems, "key");
+            None
+        }
+        (None, Some(_)) => {
+            t.missing(problems, "cert");
+            None
+        }
+        (Some(_), Some(_)) => cert_key_pair(t, base, problems).map(Some),
+    };
+    if !sni_ok {
+        return None;
+    }
+    Some(UpstreamTlsConfig {
+        sni,
+        verify,
+        ca: ca.map(|p| files::resolve(base, p.get_ref())),
+        roots: roots?,
+        client_cert: client_cert?,
+    })
 }
 
 // ---------------------------------------------------------------------------

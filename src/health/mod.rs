@@ -6,6 +6,13 @@
 //! is reconciled against them, so unchanged backends keep their task, and a
 //! reload never leaves a duplicate or orphaned checker. Health itself lives
 //! in the backend's long-lived state, so it survives reloads.
+//!
+//! An upstream with `tls` is checked over TLS (same verification, SNI and
+//! client certificate as its traffic, taken from the backend's current
+//! client at each probe, so a reload that changes `tls` applies at once):
+//! an http check is a GET over HTTP/2 when ALPN picks `h2`, else over
+//! HTTP/1.1, and a backend whose certificate is refused fails it. A tcp
+//! check stays a plain TCP connect.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -164,38 +171,81 @@ async fn run(backend: Arc<BackendState>, check: HealthCheckConfig, stop: Cancell
 
 /// One probe within `check.timeout`.
 async fn probe(backend: &BackendState, check: &HealthCheckConfig) -> bool {
+    let tls = backend.client().tls().cloned();
     let attempt = async {
         let stream = TcpStream::connect(backend.addr).await.ok()?;
-        match &check.kind {
-            HealthCheckKind::Tcp => Some(true),
-            HealthCheckKind::Http {
-                path,
-                host,
-                expect_status,
-            } => {
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .ok()?;
-                let driver = tokio::spawn(conn);
-                let host = host.as_deref().unwrap_or(backend.authority.as_str());
-                let request = http::Request::get(path.as_str())
-                    .header(http::header::HOST, host)
-                    .header(http::header::USER_AGENT, "sluice-health-check")
-                    .header(http::header::CONNECTION, "close")
-                    .body(Empty::<Bytes>::new())
-                    .ok()?;
-                let response = sender.send_request(request).await.ok();
-                driver.abort();
-                let status = response?.status().as_u16();
-                Some((expect_status.0..=expect_status.1).contains(&status))
+        let HealthCheckKind::Http {
+            path,
+            host,
+            expect_status,
+        } = &check.kind
+        else {
+            return Some(true);
+        };
+        let host = host.as_deref().unwrap_or(backend.authority.as_str());
+        let status = match tls {
+            None => http1_status(TokioIo::new(stream), path, host).await?,
+            Some(tls) => {
+                let stream = tls.connect(stream).await.ok()?;
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    h2_status(TokioIo::new(stream), path, host).await?
+                } else {
+                    http1_status(TokioIo::new(stream), path, host).await?
+                }
             }
-        }
+        };
+        Some((expect_status.0..=expect_status.1).contains(&status))
     };
     matches!(
         tokio::time::timeout(check.timeout, attempt).await,
         Ok(Some(true))
     )
+}
+
+/// The status of `GET path` over HTTP/1.1 on `io`.
+async fn http1_status<T>(io: T, path: &str, host: &str) -> Option<u16>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+    let driver = tokio::spawn(conn);
+    let request = check_request(path, host, true)?;
+    let response = sender.send_request(request).await.ok();
+    driver.abort();
+    Some(response?.status().as_u16())
+}
+
+/// The status of `GET path` over HTTP/2 on `io`.
+async fn h2_status<T>(io: T, path: &str, host: &str) -> Option<u16>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .ok()?;
+    let driver = tokio::spawn(conn);
+    let request = check_request(path, host, false)?;
+    let response = sender.send_request(request).await.ok();
+    driver.abort();
+    Some(response?.status().as_u16())
+}
+
+/// `GET path` for `host`: over HTTP/1.1 with a Host header and
+/// `connection: close`, over HTTP/2 (always TLS here) with the host as the
+/// `:authority`.
+fn check_request(path: &str, host: &str, http1: bool) -> Option<http::Request<Empty<Bytes>>> {
+    let request = if http1 {
+        http::Request::get(path)
+            .header(http::header::HOST, host)
+            .header(http::header::CONNECTION, "close")
+    } else {
+        http::Request::get(format!("https://{host}{path}"))
+    };
+    request
+        .header(http::header::USER_AGENT, "sluice-health-check")
+        .body(Empty::<Bytes>::new())
+        .ok()
 }
 
 #[cfg(test)]

@@ -80,6 +80,9 @@ pub struct Entry {
     pub error: Option<&'static str>,
     /// TCP only: how the session ended.
     pub close: Option<&'static str>,
+    /// HTTP over TLS: the subject of the client certificate the handshake
+    /// verified (`listener.tls.client_ca`).
+    pub client_subject: Option<Arc<str>>,
 }
 
 impl Entry {
@@ -109,6 +112,7 @@ impl Entry {
             duration: Duration::ZERO,
             error: None,
             close: None,
+            client_subject: None,
         }
     }
 }
@@ -307,6 +311,7 @@ fn format_text(e: &Entry, out: &mut Vec<u8>) {
     field("duration_ms", Some(&duration_ms(e)));
     field("error", e.error);
     field("close", e.close);
+    field("client_subject", e.client_subject.as_deref());
     out.push(b'\n');
 }
 
@@ -393,6 +398,8 @@ fn format_json(e: &Entry, out: &mut Vec<u8>) {
     string(out, e.error);
     key(out, "close");
     string(out, e.close);
+    key(out, "client_subject");
+    string(out, e.client_subject.as_deref());
     out.extend_from_slice(b"}\n");
 }
 
@@ -420,6 +427,7 @@ mod tests {
         e.bytes_out = 20;
         e.duration = Duration::from_micros(1500);
         e.error = Some("connect-failure");
+        e.client_subject = Some(Arc::from("CN=alice, O=Example"));
         e
     }
 
@@ -433,7 +441,7 @@ mod tests {
             "time=2023-11-14T22:13:20.123Z kind=http listener=web client=127.0.0.1:50000 \
              method=GET host=example.com path=\"/a b\\\"c\" status=502 upstream=app \
              backend=10.0.0.1:8080 attempts=2 bytes_in=10 bytes_out=20 duration_ms=1.500 \
-             error=connect-failure close=-\n"
+             error=connect-failure close=- client_subject=\"CN=alice, O=Example\"\n"
         );
     }
 
@@ -466,6 +474,8 @@ mod tests {
         assert_eq!(lines[1]["method"], serde_json::Value::Null);
         assert_eq!(lines[1]["status"], serde_json::Value::Null);
         assert_eq!(lines[1]["close"], "idle-timeout");
+        assert_eq!(lines[0]["client_subject"], "CN=alice, O=Example");
+        assert_eq!(lines[1]["client_subject"], serde_json::Value::Null);
     }
 
     #[test]

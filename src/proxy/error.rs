@@ -33,6 +33,13 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    /// The backend's certificate was refused, or the handshake failed.
+    #[error("tls handshake with {addr} failed")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("backend {addr} did not answer within {after:?}")]
     Timeout { addr: SocketAddr, after: Duration },
     #[error("backend {addr} closed or reset the connection")]
@@ -64,6 +71,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } => S::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } => S::BAD_GATEWAY,
             ProxyError::Connect { .. } => S::BAD_GATEWAY,
+            ProxyError::Tls { .. } => S::BAD_GATEWAY,
             ProxyError::Timeout { .. } => S::GATEWAY_TIMEOUT,
             ProxyError::Reset { .. } => S::BAD_GATEWAY,
             ProxyError::BadResponse { .. } => S::BAD_GATEWAY,
@@ -81,6 +89,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } => "circuit-open",
             ProxyError::ConnectTimeout { .. } => "connect-failure",
             ProxyError::Connect { .. } => "connect-failure",
+            ProxyError::Tls { .. } => "connect-failure",
             ProxyError::Timeout { .. } => "upstream-timeout",
             ProxyError::Reset { .. } => "upstream-reset",
             ProxyError::BadResponse { .. } => "bad-response",
@@ -98,6 +107,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } => None,
             ProxyError::ConnectTimeout { .. } => Some(RetryOn::ConnectFailure),
             ProxyError::Connect { .. } => Some(RetryOn::ConnectFailure),
+            ProxyError::Tls { .. } => Some(RetryOn::ConnectFailure),
             ProxyError::Timeout { .. } => Some(RetryOn::Timeout),
             ProxyError::Reset { .. } => Some(RetryOn::Reset),
             ProxyError::BadResponse { .. } => Some(RetryOn::Reset),
@@ -115,6 +125,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } => None,
             ProxyError::ConnectTimeout { .. } => Some(Outcome::ConnectFailure),
             ProxyError::Connect { .. } => Some(Outcome::ConnectFailure),
+            ProxyError::Tls { .. } => Some(Outcome::ConnectFailure),
             ProxyError::Timeout { .. } => Some(Outcome::Timeout),
             ProxyError::Reset { .. } => Some(Outcome::Reset),
             ProxyError::BadResponse { .. } => Some(Outcome::Reset),

@@ -43,11 +43,33 @@ pub struct ConnInfo {
     /// The address the client connected to (from a PROXY header when
     /// there was one).
     pub destination: SocketAddr,
-    /// `http` or `https`, for X-Forwarded-Proto.
-    pub scheme: &'static str,
+    /// Set on connections that came in over TLS.
+    pub tls: Option<Arc<TlsInfo>>,
+}
+
+/// What the TLS handshake of a client connection established.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    /// The subject of the client certificate the handshake verified
+    /// (`listener.tls.client_ca`), for the access log.
+    pub client_subject: Option<Arc<str>>,
 }
 
 impl ConnInfo {
+    /// `http` or `https`, for X-Forwarded-Proto.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The verified client certificate's subject, on a TLS connection.
+    pub fn client_subject(&self) -> Option<Arc<str>> {
+        self.tls.as_ref()?.client_subject.clone()
+    }
+
     /// The client's IP address as a header value (X-Forwarded-For).
     pub fn peer_ip_header(&self) -> HeaderValue {
         let mut buf = [0u8; 48];
@@ -173,7 +195,9 @@ pub async fn handle(
                 (parts, RequestBody::Empty)
             }
         };
-        parts.uri = match target(std::mem::take(&mut parts.uri), &backend) {
+        // One look at the backend's client for both the scheme and the send.
+        let client = backend.client();
+        parts.uri = match target(std::mem::take(&mut parts.uri), client.scheme(), &backend) {
             Ok(uri) => uri,
             Err(err) => {
                 guard.abandon();
@@ -186,7 +210,8 @@ pub async fn handle(
         let limit = timeouts.per_try.min(left);
         // The send future owns what it needs: the client guard is released
         // before waiting.
-        let sending = backend.client().send(backend.addr, request);
+        let sending = client.send(backend.addr, request);
+        drop(client);
         let sent = tokio::time::timeout(limit, sending).await;
         let result = match sent {
             Ok(result) => result,
@@ -346,6 +371,7 @@ fn request_log(
     entry.method = Some(parts.method.clone());
     entry.host = request_host(parts).map(str::to_owned);
     entry.path = Some(parts.uri.path().to_owned());
+    entry.client_subject = conn.client_subject();
     RequestLog {
         sink: Arc::clone(&shared.access_log),
         entry: Box::new(entry),
@@ -372,6 +398,7 @@ pub fn record_refused(shared: &Shared, conn: &ConnInfo, status: u16, reason: &'s
         );
         entry.status = Some(status);
         entry.error = Some(reason);
+        entry.client_subject = conn.client_subject();
         shared.access_log.record(Box::new(entry));
     }
 }
@@ -461,7 +488,7 @@ fn rewrite_request(
     if !trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
         parts
             .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme()));
     }
     if !trusted || !parts.headers.contains_key(&X_FORWARDED_HOST) {
         match parts.headers.get(header::HOST).cloned() {
@@ -474,18 +501,21 @@ fn rewrite_request(
         }
     }
 
+    // With `auto` the connection decides (ALPN); the HTTP/2 client takes
+    // an HTTP/1.1 request as it is.
     parts.version = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => Version::HTTP_11,
         UpstreamProtocol::H2 => Version::HTTP_2,
     };
     Ok(())
 }
 
-/// Points the request at `backend`: an absolute URI with its address. The
-/// path is moved over, not parsed again.
-fn target(uri: Uri, backend: &BackendState) -> Result<Uri, ProxyError> {
+/// Points the request at `backend`: an absolute URI with its address
+/// (`https` when the upstream has TLS). The path is moved over, not parsed
+/// again.
+fn target(uri: Uri, scheme: http::uri::Scheme, backend: &BackendState) -> Result<Uri, ProxyError> {
     let mut parts = uri.into_parts();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.scheme = Some(scheme);
     parts.authority = Some(backend.authority.clone());
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));

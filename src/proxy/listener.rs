@@ -2,8 +2,11 @@
 //!
 //! Each accepted HTTP connection is served on its own task: a connection
 //! that opens with the HTTP/2 preface goes to hyper's HTTP/2 server (h2c
-//! prior knowledge), anything else to Sluice's own HTTP/1.1 codec. Tasks are
-//! tracked so a graceful shutdown can wait for them; none is detached.
+//! prior knowledge), anything else to Sluice's own HTTP/1.1 codec. On a
+//! listener with `tls` the TLS handshake comes first (`tls::server`), then
+//! ALPN decides: `h2` goes to the HTTP/2 server, anything else to the
+//! HTTP/1.1 codec. Tasks are tracked so a graceful shutdown can wait for
+//! them; none is detached.
 
 use std::convert::Infallible;
 use std::io;
@@ -14,6 +17,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,11 +27,12 @@ use crate::admin::metrics::ListenerMetrics;
 use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::h1;
-use crate::proxy::http::{handle, record_refused, ConnInfo};
+use crate::proxy::http::{handle, record_refused, ConnInfo, TlsInfo};
 use crate::proxy::park::{self, Parking};
 use crate::proxy::peek::{self, Look};
 use crate::proxy::{proxy_protocol, tcp};
 use crate::state::Shared;
+use crate::tls::server::{self as tls_server, TlsAcceptor};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -92,6 +97,7 @@ struct ListenerCtx {
     protocol: ListenerProtocol,
     proxy_protocol: bool,
     settings: h1::H1Settings,
+    handshake: Handshake,
     metrics: ListenerMetrics,
     /// Connections open now, against `max_connections` (shared with the
     /// accept loops that take this listener's socket over on a reload).
@@ -102,6 +108,16 @@ struct ListenerCtx {
     /// set could not be made (connections then idle on their tasks).
     parking: Option<Parking<Resume>>,
     tracker: TaskTracker,
+}
+
+/// What a listener's connections begin with.
+enum Handshake {
+    /// Plain TCP.
+    None,
+    Tls(Arc<TlsAcceptor>),
+    /// `tls` is configured but could not be set up: connections are
+    /// closed rather than served in the clear.
+    Unavailable,
 }
 
 /// What a parked connection needs to resume: its slot and its client.
@@ -121,7 +137,37 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
             None
         }
     };
+    // The acceptor is built from this listener's config, so a listener
+    // rebuilt by a reload picks up its new `tls` with it. Its file watcher
+    // ends with this accept loop.
+    let watch_stop = CancellationToken::new();
+    let _watch_guard = watch_stop.clone().drop_guard();
+    let handshake = match &listener.config.tls {
+        None => Handshake::None,
+        Some(tls) => match TlsAcceptor::from_config(tls) {
+            Ok(acceptor) => {
+                let acceptor = Arc::new(acceptor);
+                control.tracker.spawn(Arc::clone(&acceptor).watch(
+                    tls.clone(),
+                    Arc::clone(&listener.name),
+                    metrics.tls_reloaded.clone(),
+                    metrics.tls_reload_failed.clone(),
+                    watch_stop.clone(),
+                ));
+                Handshake::Tls(acceptor)
+            }
+            Err(err) => {
+                tracing::error!(
+                    listener = &*listener.name,
+                    error = %crate::tls::with_causes(&err),
+                    "cannot set up tls; closing every connection"
+                );
+                Handshake::Unavailable
+            }
+        },
+    };
     let ctx = Arc::new(ListenerCtx {
+        handshake,
         metrics,
         shared,
         index: listener.index,
@@ -219,14 +265,19 @@ async fn serve_conn(slot: ConnSlot, mut stream: TcpStream, peer: SocketAddr) {
         listener_name: Arc::clone(&ctx.name),
         peer,
         destination,
-        scheme: "http",
+        tls: None,
     };
     match ctx.protocol {
-        ListenerProtocol::Http => {
-            if let Some((socket, idle)) = serve_http(ctx, &info, stream).await {
-                park(slot, socket, idle, &info);
+        ListenerProtocol::Http => match &ctx.handshake {
+            Handshake::None => {
+                if let Some((socket, idle)) = serve_http(ctx, &info, stream).await {
+                    park(slot, socket, idle, &info);
+                }
             }
-        }
+            // Boxed: the TLS session lives only on TLS connections' tasks.
+            Handshake::Tls(acceptor) => Box::pin(serve_tls(ctx, acceptor, info, stream)).await,
+            Handshake::Unavailable => {}
+        },
         // A TCP session runs to its end; shutdown waits for it up to
         // `shutdown.grace`.
         ListenerProtocol::Tcp => {
@@ -252,7 +303,7 @@ async fn resume(resume: Resume, socket: std::net::TcpStream) {
         listener_name: Arc::clone(&ctx.name),
         peer,
         destination,
-        scheme: "http",
+        tls: None,
     };
     if let Some((socket, idle)) = serve_h1(ctx, &info, stream).await {
         park(slot, socket, idle, &info);
@@ -348,13 +399,49 @@ async fn serve_http(
     }
 }
 
+/// Runs the TLS handshake (within `client_header`), then serves HTTP/2
+/// when ALPN picked `h2`, else HTTP/1.1. A TLS connection is never parked:
+/// its session state stays on its task.
+async fn serve_tls(
+    ctx: &ListenerCtx,
+    acceptor: &TlsAcceptor,
+    mut info: ConnInfo,
+    stream: TcpStream,
+) {
+    let accepted = tokio::time::timeout(ctx.settings.header_timeout, acceptor.accept(stream)).await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            ctx.metrics.tls_handshake_errors.inc();
+            tracing::debug!(error = %err, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.tls_handshake_errors.inc();
+            tracing::debug!(after = ?ctx.settings.header_timeout, "tls handshake timed out");
+            return;
+        }
+    };
+    let session = stream.get_ref().1;
+    let is_h2 = session.alpn_protocol() == Some(b"h2");
+    info.tls = Some(Arc::new(TlsInfo {
+        client_subject: tls_server::client_subject(session),
+    }));
+    if is_h2 {
+        let shared = Arc::clone(&ctx.shared);
+        serve_h2(shared, Arc::new(info), stream, ctx.close.clone()).await;
+    } else {
+        serve_h1(ctx, &info, stream).await;
+    }
+}
+
 /// Serves HTTP/1 requests until the connection closes, or returns its
 /// socket and idle time once it has been idle long enough to park
-/// ([`park::park_after`]).
-async fn serve_h1(
+/// ([`park::park_after`]; plain TCP connections only).
+async fn serve_h1<T: h1::Transport>(
     ctx: &ListenerCtx,
     info: &ConnInfo,
-    stream: TcpStream,
+    stream: T,
 ) -> Option<(std::net::TcpStream, Duration)> {
     // The codec boxes each request's state (this future included), so an
     // idle connection's task stays small.
@@ -414,12 +501,10 @@ async fn sniff_h2(stream: &TcpStream, limit: Duration) -> Sniff {
         .unwrap_or(Sniff::Closed)
 }
 
-async fn serve_h2(
-    shared: Arc<Shared>,
-    info: Arc<ConnInfo>,
-    stream: TcpStream,
-    close: CancellationToken,
-) {
+async fn serve_h2<S>(shared: Arc<Shared>, info: Arc<ConnInfo>, stream: S, close: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);

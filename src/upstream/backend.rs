@@ -64,6 +64,7 @@ impl BackendState {
     ) -> Self {
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .expect("a socket address is a valid authority");
+        let client = UpstreamClient::new(client, &key, addr);
         BackendState {
             key,
             addr,
@@ -73,7 +74,7 @@ impl BackendState {
             up_since_ms: AtomicU64::new(u64::MAX),
             created: Instant::now(),
             breaker: ArcSwapOption::empty(),
-            client: ArcSwap::from_pointee(UpstreamClient::new(client)),
+            client: ArcSwap::from_pointee(client),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             metrics,
@@ -100,8 +101,11 @@ impl BackendState {
     /// not change keeps its pooled connections across a reload.
     pub fn configure_client(&self, settings: &ClientSettings) {
         if self.client.load().settings() != settings {
-            self.client
-                .store(Arc::new(UpstreamClient::new(settings.clone())));
+            self.client.store(Arc::new(UpstreamClient::new(
+                settings.clone(),
+                &self.key,
+                self.addr,
+            )));
         }
     }
 

@@ -15,6 +15,7 @@ use crate::config::UpstreamConfig;
 use crate::proxy::error::ProxyError;
 use crate::resilience::limit::InFlightLimit;
 use crate::resilience::retry::{RetryBudget, RetryOn};
+use crate::tls::client::server_name;
 use backend::{BackendKey, BackendState, RequestGuard};
 use client::ClientSettings;
 use prometheus::IntCounter;
@@ -46,10 +47,19 @@ impl Upstream {
         metrics: &Metrics,
     ) -> Self {
         let name: Arc<str> = Arc::from(config.name.as_str());
+        let mut tls = config.tls.clone();
+        if let (Some(tls), Some(discovery)) = (&mut tls, &config.discovery) {
+            // Discovered backends are IP addresses: their own host is the
+            // name they were found under.
+            if tls.sni.is_none() {
+                tls.sni = server_name(discovery.host.trim_end_matches('.')).ok();
+            }
+        }
         let client = ClientSettings {
             protocol: config.protocol,
             pool: config.pool.clone(),
             connect_timeout: config.timeouts.connect,
+            tls,
         };
         let backends: Vec<_> = config
             .backends
@@ -174,5 +184,60 @@ impl Upstream {
     fn admits(&self, backend: &BackendState) -> bool {
         let max = self.config.max_in_flight_per_backend;
         backend.is_healthy() && (max == 0 || backend.in_flight() < max) && backend.circuit_allows()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use rustls::pki_types::ServerName;
+
+    use super::*;
+    use crate::config::BackendConfig;
+
+    /// The server name TLS to the first backend of `upstream` uses, once
+    /// `addr` is its only backend.
+    fn name_for(upstream: &str, addr: &str) -> ServerName<'static> {
+        let text = format!(
+            "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
+             [[upstream]]\nname = \"app\"\n{upstream}\n"
+        );
+        let mut config = crate::config::from_str(&text, "test.toml").expect("valid");
+        let socket_addr: SocketAddr = addr.parse().expect("address");
+        config.upstreams[0].backends = vec![BackendConfig {
+            address: addr.to_owned(),
+            socket_addr,
+            weight: 1,
+        }];
+        let upstream = Upstream::from_config(
+            &config.upstreams[0],
+            None,
+            &Registry::default(),
+            &Metrics::new(),
+        );
+        let client = upstream.backends[0].client();
+        client.tls().expect("tls").server_name()
+    }
+
+    #[tokio::test]
+    async fn discovered_backends_are_verified_against_the_discovery_name() {
+        let name = name_for(
+            "discovery = { dns = \"app.default.svc.:8443\" }\ntls = { verify = false }",
+            "10.0.0.7:8443",
+        );
+        assert_eq!(name, ServerName::try_from("app.default.svc").expect("name"));
+        // `sni` still wins.
+        let name = name_for(
+            "discovery = { dns = \"app.default.svc:8443\" }\ntls = { verify = false, sni = \"app.test\" }",
+            "10.0.0.7:8443",
+        );
+        assert_eq!(name, ServerName::try_from("app.test").expect("name"));
+        // A listed IP address is its own name.
+        let name = name_for(
+            "backends = [\"10.0.0.7:8443\"]\ntls = { verify = false }",
+            "10.0.0.7:8443",
+        );
+        assert_eq!(name, ServerName::try_from("10.0.0.7").expect("name"));
     }
 }
