@@ -175,7 +175,14 @@ impl ResolvesClientCert for ClientCert {
 /// handshake signatures are still checked, so the peer must hold the key
 /// of the certificate it sent; only who issued it and for what name are not.
 #[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
+pub struct NoVerification(Arc<CryptoProvider>);
+
+impl NoVerification {
+    /// Checks handshake signatures with `provider`'s algorithms.
+    pub fn new(provider: Arc<CryptoProvider>) -> Self {
+        NoVerification(provider)
+    }
+}
 
 impl ServerCertVerifier for NoVerification {
     fn verify_server_cert(
