@@ -8,18 +8,15 @@
 //!
 //! Each sample is a draw from the weight table (O(log n)); a draw that lands
 //! on an ineligible backend (or, for the second sample, on the first one) is
-//! redrawn up to [`MAX_DRAWS`] times, then a scan finds one, so an eligible
+//! redrawn up to [`MAX_DRAWS`](super::sample::MAX_DRAWS) times, then a scan finds one, so an eligible
 //! backend is always found when one exists. Unlike least_conn, a pick does
 //! not look at every backend: that is the point of the algorithm.
 
 use std::sync::Arc;
 
-use super::sample::{weighted_scan, SharedRng, Weights};
+use super::sample::{draw_accepted, SharedRng, Weights};
 use super::Balancer;
 use crate::upstream::backend::BackendState;
-
-/// Draws per sample before falling back to a scan.
-pub const MAX_DRAWS: usize = 8;
 
 /// The less loaded of two distinct random eligible backends.
 pub struct P2c {
@@ -47,15 +44,7 @@ impl P2c {
         exclude: Option<usize>,
     ) -> Option<usize> {
         let accept = |i: usize, b: &BackendState| Some(i) != exclude && eligible(b);
-        for _ in 0..MAX_DRAWS {
-            let Some(i) = self.weights.draw(rng) else {
-                break;
-            };
-            if backends.get(i).is_some_and(|b| accept(i, b)) {
-                return Some(i);
-            }
-        }
-        weighted_scan(backends, &self.weights, rng, accept)
+        draw_accepted(backends, &self.weights, rng, accept)
     }
 }
 

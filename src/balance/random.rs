@@ -7,12 +7,9 @@
 
 use std::sync::Arc;
 
-use super::sample::{weighted_scan, SharedRng, Weights};
+use super::sample::{draw_accepted, SharedRng, Weights};
 use super::Balancer;
 use crate::upstream::backend::BackendState;
-
-/// Draws before a pick gives up on luck and scans.
-const MAX_DRAWS: usize = 8;
 
 /// Weighted random choice among the eligible backends.
 pub struct Random {
@@ -39,14 +36,6 @@ impl Balancer for Random {
         eligible: &dyn Fn(&BackendState) -> bool,
     ) -> Option<usize> {
         let mut rng = self.rng.local();
-        for _ in 0..MAX_DRAWS {
-            let Some(i) = self.weights.draw(&mut rng) else {
-                break;
-            };
-            if backends.get(i).is_some_and(|b| eligible(b)) {
-                return Some(i);
-            }
-        }
-        weighted_scan(backends, &self.weights, &mut rng, |_, b| eligible(b))
+        draw_accepted(backends, &self.weights, &mut rng, |_, b| eligible(b))
     }
 }

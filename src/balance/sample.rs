@@ -90,10 +90,33 @@ impl Weights {
     }
 }
 
+/// Draws per pick before [`draw_accepted`] falls back to a scan.
+pub const MAX_DRAWS: usize = 8;
+
+/// A weighted random index among the backends for which `accept` holds:
+/// up to [`MAX_DRAWS`] draws from the full table (O(log n) each), then a
+/// scan, so one is found whenever one exists.
+pub(crate) fn draw_accepted(
+    backends: &[Arc<BackendState>],
+    weights: &Weights,
+    rng: &mut fastrand::Rng,
+    accept: impl Fn(usize, &BackendState) -> bool,
+) -> Option<usize> {
+    for _ in 0..MAX_DRAWS {
+        let Some(i) = weights.draw(rng) else {
+            break;
+        };
+        if backends.get(i).is_some_and(|b| accept(i, b)) {
+            return Some(i);
+        }
+    }
+    weighted_scan(backends, weights, rng, accept)
+}
+
 /// A weighted draw among the backends for which `accept` holds, by scanning
 /// all of them: the fallback when random draws keep missing. `None` only
 /// when no backend is accepted.
-pub(crate) fn weighted_scan(
+fn weighted_scan(
     backends: &[Arc<BackendState>],
     weights: &Weights,
     rng: &mut fastrand::Rng,
