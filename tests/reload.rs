@@ -432,7 +432,7 @@ async fn a_reload_that_cannot_bind_changes_nothing() {
     let new = sluice::config::from_str(&text, &file.path.display().to_string()).expect("valid");
     let err = proxy.apply(new).await.expect_err("the address is taken");
     match &err {
-        ReloadError::Bind { name, addr, .. } => {
+        ReloadError::Bind(sluice::runtime::BindFailure { name, addr, .. }) => {
             assert_eq!((name.as_str(), *addr), ("extra", taken_addr));
         }
         other => panic!("not a bind error: {other}"),

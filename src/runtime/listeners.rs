@@ -69,11 +69,13 @@ pub(super) struct ListenerPlan {
     pub stopped: Vec<(usize, bool)>,
 }
 
-/// A listener address that could not be bound.
-#[derive(Debug)]
-pub(super) struct BindFailure {
+/// A listener (or the admin) address that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind listener {name} on {addr}")]
+pub struct BindFailure {
     pub name: String,
     pub addr: SocketAddr,
+    #[source]
     pub source: io::Error,
 }
 

@@ -15,7 +15,6 @@ pub mod reload;
 pub mod signals;
 mod watch;
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
@@ -32,6 +31,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::proxy::listener::{accept_loop, BoundListener, ListenerControl};
 use crate::state::Shared;
 use discovery::Discovery;
+pub use listeners::BindFailure;
 use listeners::{RunningListener, Source};
 pub use reload::ReloadError;
 
@@ -41,13 +41,8 @@ const ACCESS_LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 /// Why Sluice could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot bind listener {name} on {addr}")]
-    Bind {
-        name: String,
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindFailure),
 }
 
 /// A running Sluice.
@@ -228,25 +223,14 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
     let metrics = Metrics::new();
     let admin_addr = config.admin.listen;
 
-    let admin_socket = TcpListener::bind(admin_addr)
-        .await
-        .map_err(|source| RunError::Bind {
-            name: "admin".into(),
-            addr: admin_addr,
-            source,
-        })?;
-    let admin = admin_socket.local_addr().map_err(|source| RunError::Bind {
+    let admin_failure = |source| BindFailure {
         name: "admin".into(),
         addr: admin_addr,
         source,
-    })?;
-    let plan = listeners::plan(&[], &config.listeners)
-        .await
-        .map_err(|f| RunError::Bind {
-            name: f.name,
-            addr: f.addr,
-            source: f.source,
-        })?;
+    };
+    let admin_socket = TcpListener::bind(admin_addr).await.map_err(admin_failure)?;
+    let admin = admin_socket.local_addr().map_err(admin_failure)?;
+    let plan = listeners::plan(&[], &config.listeners).await?;
 
     let mut discovery = Discovery::default();
     discovery.fill(&mut config, None, &metrics).await;

@@ -10,13 +10,12 @@
 //! start; a reload that changes them is refused as a whole.
 
 use std::collections::HashSet;
-use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::discovery::backends_of;
-use super::listeners::{self, Source};
+use super::listeners::{self, BindFailure, Source};
 use super::{unix_now, Control, Inner};
 use crate::config::{self, Config, ConfigErrors, DiscoveryConfig};
 use crate::state::Snapshot;
@@ -29,13 +28,8 @@ pub enum ReloadError {
     Invalid(#[from] ConfigErrors),
     #[error("{0} changed: it takes effect only at restart")]
     NeedsRestart(&'static str),
-    #[error("cannot bind listener {name} on {addr}")]
-    Bind {
-        name: String,
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindFailure),
     #[error("config validation did not finish")]
     Aborted,
     #[error("shutting down")]
@@ -148,13 +142,7 @@ impl Control {
             return Err(ReloadError::NeedsRestart("log.format"));
         }
         // Every bind first: a reload that cannot bind changes nothing.
-        let plan = listeners::plan(&inner.listeners, &new.listeners)
-            .await
-            .map_err(|f| ReloadError::Bind {
-                name: f.name,
-                addr: f.addr,
-                source: f.source,
-            })?;
+        let plan = listeners::plan(&inner.listeners, &new.listeners).await?;
         inner
             .discovery
             .fill(&mut new, Some(&old), &self.shared.metrics)
