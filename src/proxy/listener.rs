@@ -120,6 +120,19 @@ enum Handshake {
     Unavailable,
 }
 
+impl ListenerCtx {
+    /// What the requests of a plain (not yet TLS) connection know of it.
+    fn conn_info(&self, peer: SocketAddr, destination: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            listener: self.index,
+            listener_name: Arc::clone(&self.name),
+            peer,
+            destination,
+            tls: None,
+        }
+    }
+}
+
 /// What a parked connection needs to resume: its slot and its client.
 struct Resume {
     slot: ConnSlot,
@@ -260,13 +273,7 @@ async fn serve_conn(slot: ConnSlot, mut stream: TcpStream, peer: SocketAddr) {
     } else {
         (peer, local)
     };
-    let info = ConnInfo {
-        listener: ctx.index,
-        listener_name: Arc::clone(&ctx.name),
-        peer,
-        destination,
-        tls: None,
-    };
+    let info = ctx.conn_info(peer, destination);
     match ctx.protocol {
         ListenerProtocol::Http => match &ctx.handshake {
             Handshake::None => {
@@ -298,13 +305,7 @@ async fn resume(resume: Resume, socket: std::net::TcpStream) {
     let Ok(stream) = TcpStream::from_std(socket) else {
         return;
     };
-    let info = ConnInfo {
-        listener: ctx.index,
-        listener_name: Arc::clone(&ctx.name),
-        peer,
-        destination,
-        tls: None,
-    };
+    let info = ctx.conn_info(peer, destination);
     if let Some((socket, idle)) = serve_h1(ctx, &info, stream).await {
         park(slot, socket, idle, &info);
     }
