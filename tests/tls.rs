@@ -5,17 +5,17 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::version::{TLS12, TLS13};
 use rustls::ClientConfig;
 use sluice::runtime::Running;
 use support::pki::{any_cert_client, tls_backend, tls_connect, Issued, Pki, Sender, TlsAnswer};
+use support::process::Proc;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -746,101 +746,6 @@ async fn health_checks_of_a_tls_upstream_run_over_tls() {
 // ---------------------------------------------------------------------------
 // The binary: what the logs say
 
-/// A running `sluice run` with its stderr (JSON) and stdout (access log)
-/// lines.
-struct Proc {
-    child: Child,
-    listeners: Vec<(String, SocketAddr)>,
-    stderr: Arc<Mutex<Vec<String>>>,
-    stdout: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(config: &Path) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sluice");
-        let collect = |pipe: Box<dyn std::io::Read + Send>, into: Arc<Mutex<Vec<String>>>| {
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Ok(mut lines) = into.lock() {
-                        lines.push(line);
-                    }
-                }
-            });
-        };
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        collect(
-            Box::new(child.stderr.take().expect("stderr")),
-            Arc::clone(&stderr),
-        );
-        collect(
-            Box::new(child.stdout.take().expect("stdout")),
-            Arc::clone(&stdout),
-        );
-        let mut proc = Proc {
-            child,
-            listeners: Vec::new(),
-            stderr,
-            stdout,
-        };
-        let ready = proc.wait_line(&proc.stderr, |v| v["fields"]["message"] == "ready");
-        proc.listeners = ready["fields"]["listeners"]
-            .as_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.parse().expect("listener address")))
-            .collect();
-        proc
-    }
-
-    /// The first JSON line of `lines` that `want` accepts, within 10 s.
-    fn wait_line(
-        &self,
-        lines: &Arc<Mutex<Vec<String>>>,
-        want: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let seen = lines.lock().map(|l| l.clone()).unwrap_or_default();
-            let found = seen
-                .iter()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|v| want(v));
-            if let Some(v) = found {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no such line in:\n{}",
-                seen.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
-            .expect("listener")
-    }
-}
-
 #[test]
 fn logs_name_the_client_certificate_and_the_reason_a_backend_certificate_was_refused() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -865,7 +770,7 @@ fn logs_name_the_client_certificate_and_the_reason_a_backend_certificate_was_ref
     );
     let config_path = pki.path("sluice.toml");
     std::fs::write(&config_path, config).expect("write config");
-    let proc = Proc::start(&config_path);
+    let proc = Proc::start_file(&config_path);
 
     let web = proc.addr("web");
     let answer = rt
@@ -877,14 +782,14 @@ fn logs_name_the_client_certificate_and_the_reason_a_backend_certificate_was_ref
         ))
         .expect("alice gets in");
     assert_eq!(answer.status, 200);
-    let line = proc.wait_line(&proc.stdout, |v| v["listener"] == "web");
+    let line = proc.wait_json(&proc.access, |v| v["listener"] == "web");
     assert_eq!(line["client_subject"], "CN=alice, O=Sluice Tests");
     assert_eq!(line["status"], 200);
 
     let answer = rt.block_on(get(proc.addr("plain"), "/"));
     assert_eq!(answer.status, 502);
     assert_eq!(answer.headers["sluice-error"], "connect-failure");
-    let warning = proc.wait_line(&proc.stderr, |v| {
+    let warning = proc.wait_json(&proc.log, |v| {
         v["fields"]["message"] == "tls handshake with backend failed"
     });
     assert_eq!(warning["level"], "WARN");
@@ -893,7 +798,7 @@ fn logs_name_the_client_certificate_and_the_reason_a_backend_certificate_was_ref
     assert_eq!(warning["fields"]["server_name"], "backend.test");
     let reason = warning["fields"]["reason"].as_str().unwrap_or("");
     assert!(reason.contains("unknown CA"), "{warning}");
-    let line = proc.wait_line(&proc.stdout, |v| v["listener"] == "plain");
+    let line = proc.wait_json(&proc.access, |v| v["listener"] == "plain");
     assert_eq!(line["error"], "connect-failure");
     assert_eq!(line["client_subject"], serde_json::Value::Null);
 }

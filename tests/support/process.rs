@@ -23,7 +23,8 @@ pub struct Proc {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Every stdout line (the access log).
     pub access: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+    /// Holds the config file written by [`Proc::start`].
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Proc {
@@ -34,13 +35,22 @@ impl Drop for Proc {
 }
 
 impl Proc {
+    /// Starts on `config` text, written to a file of its own.
     pub fn start(config: &str) -> Proc {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sluice.toml");
         std::fs::write(&path, config).expect("write config");
+        let mut proc = Proc::start_file(&path);
+        proc._dir = Some(dir);
+        proc
+    }
+
+    /// Starts on the config file at `path` (files it names relative to
+    /// itself are found beside it).
+    pub fn start_file(path: &std::path::Path) -> Proc {
         let mut child = Command::new(BIN)
             .args(["--log-format", "json", "run", "--config"])
-            .arg(&path)
+            .arg(path)
             .stderr(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -94,7 +104,33 @@ impl Proc {
             admin,
             log,
             access,
-            _dir: dir,
+            _dir: None,
+        }
+    }
+
+    /// The first JSON line of `lines` (`log` or `access`) that `want`
+    /// accepts, within 10 s.
+    pub fn wait_json(
+        &self,
+        lines: &Arc<Mutex<Vec<String>>>,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = lines.lock().map(|l| l.clone()).unwrap_or_default();
+            let found = seen
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| want(v));
+            if let Some(v) = found {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no such line in:\n{}",
+                seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
