@@ -23,6 +23,7 @@ use crate::proxy::error::BoxError;
 use crate::proxy::h1;
 use crate::resilience::limit::InFlightPermit;
 use crate::upstream::backend::RequestGuard;
+use crate::upstream::client::UpstreamBody;
 
 /// A downstream request body, from either protocol.
 pub enum RequestBody {
@@ -134,14 +135,16 @@ pub struct ProxyBody {
     exchange: Option<Exchange>,
 }
 
+// Boxing the common variant would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
 impl ProxyBody {
     /// A backend's response body; `exchange` is recorded when it ends.
-    pub fn upstream(body: Incoming, exchange: Exchange) -> Self {
+    pub fn upstream(body: UpstreamBody, exchange: Exchange) -> Self {
         ProxyBody {
             kind: Kind::Upstream(body),
             exchange: Some(exchange),
@@ -179,7 +182,7 @@ impl Body for ProxyBody {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(body) => {
                 let frame = ready!(Pin::new(body).poll_frame(cx));
-                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+                Poll::Ready(frame)
             }
         };
         match &polled {

@@ -15,9 +15,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::admin::metrics::Outcome;
@@ -30,7 +29,6 @@ use crate::proxy::h1;
 use crate::proxy::route::request_host;
 use crate::resilience::retry::{self, RetryOn};
 use crate::state::{ListenerRuntime, Shared};
-use crate::upstream::backend::BackendState;
 
 /// What a request knows about the connection it came on.
 #[derive(Clone)]
@@ -177,7 +175,7 @@ pub async fn handle(
             return error_response(&upstream.no_backend(), Some(exchange));
         };
         let backend = Arc::clone(guard.backend());
-        let (mut parts, body) = match first.take() {
+        let (parts, body) = match first.take() {
             Some(pair) => pair,
             None => {
                 let Some((method, uri, version, headers)) = template.clone() else {
@@ -195,23 +193,14 @@ pub async fn handle(
                 (parts, RequestBody::Empty)
             }
         };
-        // One look at the backend's client for both the scheme and the send.
-        let client = backend.client();
-        parts.uri = match target(std::mem::take(&mut parts.uri), client.scheme(), &backend) {
-            Ok(uri) => uri,
-            Err(err) => {
-                guard.abandon();
-                return error_response(&err, Some(exchange));
-            }
-        };
-        let request = Request::from_parts(parts, body);
         exchange.attempts = attempt;
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = timeouts.per_try.min(left);
         // The send future owns what it needs: the client guard is released
         // before waiting.
-        let sending = client.send(backend.addr, request);
-        drop(client);
+        let sending = backend
+            .client()
+            .send(backend.addr, &backend.authority, parts, body);
         let sent = tokio::time::timeout(limit, sending).await;
         let result = match sent {
             Ok(result) => result,
@@ -266,19 +255,9 @@ pub async fn handle(
     exchange.status = status.as_u16();
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        if !upgrade {
+        if !upgrade || response.extensions().get::<h1::UpgradeIo>().is_none() {
             let err = ProxyError::UpgradeFailed { addr: backend.addr };
             return error_response(&err, Some(exchange));
-        }
-        match hyper::upgrade::on(&mut response).await {
-            Ok(upgraded) => {
-                let io = h1::UpgradeIo::new(TokioIo::new(upgraded));
-                response.extensions_mut().insert(io);
-            }
-            Err(_) => {
-                let err = ProxyError::UpgradeFailed { addr: backend.addr };
-                return error_response(&err, Some(exchange));
-            }
         }
     } else {
         remove_hop_by_hop(response.headers_mut(), false);
@@ -508,21 +487,6 @@ fn rewrite_request(
         UpstreamProtocol::H2 => Version::HTTP_2,
     };
     Ok(())
-}
-
-/// Points the request at `backend`: an absolute URI with its address
-/// (`https` when the upstream has TLS). The path is moved over, not parsed
-/// again.
-fn target(uri: Uri, scheme: http::uri::Scheme, backend: &BackendState) -> Result<Uri, ProxyError> {
-    let mut parts = uri.into_parts();
-    parts.scheme = Some(scheme);
-    parts.authority = Some(backend.authority.clone());
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest {
-        what: "invalid request target",
-    })
 }
 
 /// Whether a request may be sent twice (RFC 9110 §9.2.2, or the client

@@ -1,10 +1,11 @@
 //! The one place a request leaves for a backend.
 //!
-//! Each backend has an [`UpstreamClient`]: a pooled hyper client (HTTP/1.1
-//! keep-alive or HTTP/2) whose connector connects to the backend address in
-//! the request URI under the connect timeout, and runs the TLS handshake
-//! (`tls::client`) when the upstream has `tls`. With `protocol = "auto"`
-//! the connection speaks HTTP/2 when ALPN picked `h2`, else HTTP/1.1. It
+//! Each backend has an [`UpstreamClient`]: Sluice's own pooled HTTP/1.1
+//! client (`upstream::h1`), or for upstreams that may speak HTTP/2 a pooled
+//! hyper client. Both connect through [`Connector`] under the connect
+//! timeout, with the TLS handshake (`tls::client`) when the upstream has
+//! `tls`. With `protocol = "auto"` over TLS the connection speaks HTTP/2
+//! when ALPN picked `h2`, else HTTP/1.1. The client
 //! lives in the backend's long-lived state, so its pooled connections
 //! survive a reload and close when a removed backend's last call ends.
 //! Transport errors are classified into [`ProxyError`] here.
@@ -17,7 +18,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -28,9 +33,11 @@ use tokio::time::Instant;
 
 use crate::config::{PoolConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::proxy::body::RequestBody;
-use crate::proxy::error::ProxyError;
+use crate::proxy::error::{BoxError, ProxyError};
+use crate::proxy::h1::UpgradeIo;
 use crate::tls::client::UpstreamTls;
 use crate::upstream::backend::BackendKey;
+use crate::upstream::h1::{self, H1Client, ResponseBody};
 
 /// Why a connection to a backend could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +77,14 @@ pub enum BackendStream {
 }
 
 impl BackendStream {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendStream::Plain(s) => s,
+            BackendStream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+
     /// Whether ALPN picked HTTP/2.
     fn is_h2(&self) -> bool {
         match self {
@@ -158,35 +173,66 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let after = self.connect_timeout;
         let addr = uri
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-        let tls = self.tls.clone();
-        let upstream = Arc::clone(&self.upstream);
+        let connector = self.clone();
         Box::pin(async move {
             let addr = addr.ok_or(ConnectError::NoAddress)?;
-            let deadline = Instant::now() + after;
-            let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
-                .await
-                .map_err(|_| ConnectError::Timeout { addr, after })?
-                .map_err(|source| ConnectError::Io { addr, source })?;
-            stream
-                .set_nodelay(true)
-                .map_err(|source| ConnectError::Io { addr, source })?;
-            let Some(tls) = tls else {
-                return Ok(TokioIo::new(BackendStream::Plain(stream)));
-            };
-            let handshake = tokio::time::timeout_at(deadline, tls.connect(stream)).await;
-            match handshake {
-                Err(_) => Err(ConnectError::Timeout { addr, after }),
-                Ok(Err(source)) => {
-                    tls.report_failure(&upstream, addr, &source);
-                    Err(ConnectError::Tls { addr, source })
-                }
-                Ok(Ok(stream)) => Ok(TokioIo::new(BackendStream::Tls(Box::new(stream)))),
-            }
+            connector.connect(addr).await.map(TokioIo::new)
         })
+    }
+}
+
+impl Connector {
+    /// Connects to `addr`, with the TLS handshake when the upstream has
+    /// TLS, both within the connect timeout.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<BackendStream, ConnectError> {
+        let after = self.connect_timeout;
+        let deadline = Instant::now() + after;
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout { addr, after })?
+            .map_err(|source| ConnectError::Io { addr, source })?;
+        stream
+            .set_nodelay(true)
+            .map_err(|source| ConnectError::Io { addr, source })?;
+        let Some(tls) = &self.tls else {
+            return Ok(BackendStream::Plain(stream));
+        };
+        let handshake = tokio::time::timeout_at(deadline, tls.connect(stream)).await;
+        match handshake {
+            Err(_) => Err(ConnectError::Timeout { addr, after }),
+            Ok(Err(source)) => {
+                tls.report_failure(&self.upstream, addr, &source);
+                Err(ConnectError::Tls { addr, source })
+            }
+            Ok(Ok(stream)) => Ok(BackendStream::Tls(Box::new(stream))),
+        }
+    }
+}
+
+impl ConnectError {
+    /// What the client is told about it; `addr` is the backend's.
+    pub fn to_proxy_error(&self, addr: SocketAddr) -> ProxyError {
+        match self {
+            ConnectError::Timeout { addr, after } => ProxyError::ConnectTimeout {
+                addr: *addr,
+                after: *after,
+            },
+            ConnectError::Io { addr, source } => ProxyError::Connect {
+                addr: *addr,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            ConnectError::Tls { addr, source } => ProxyError::Tls {
+                addr: *addr,
+                source: io::Error::new(source.kind(), crate::tls::client::describe(source)),
+            },
+            ConnectError::NoAddress => ProxyError::Connect {
+                addr,
+                source: io::Error::new(io::ErrorKind::InvalidInput, self.to_string()),
+            },
+        }
     }
 }
 
@@ -219,9 +265,17 @@ impl Default for ClientSettings {
 /// A pooled client for one backend.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    inner: Client<Connector, RequestBody>,
+    inner: Inner,
     settings: ClientSettings,
     tls: Option<Arc<UpstreamTls>>,
+}
+
+#[derive(Clone)]
+enum Inner {
+    /// Sluice's own HTTP/1.1 client.
+    H1(H1Client),
+    /// hyper's, for upstreams that may speak HTTP/2.
+    Hyper(Box<Client<Connector, RequestBody>>),
 }
 
 impl UpstreamClient {
@@ -236,13 +290,6 @@ impl UpstreamClient {
             tls,
         } = &settings;
         let (protocol, connect_timeout) = (*protocol, *connect_timeout);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(pool.idle_timeout)
-            .pool_max_idle_per_host(pool.max_idle_per_backend)
-            .http2_only(protocol == UpstreamProtocol::H2);
         let tls = tls
             .as_ref()
             .map(|tls| Arc::new(UpstreamTls::new(tls, protocol, &key.address, addr)));
@@ -251,8 +298,24 @@ impl UpstreamClient {
             tls: tls.clone(),
             upstream: Arc::clone(&key.upstream),
         };
+        // `auto` without TLS has no ALPN to pick HTTP/2 with: HTTP/1.1.
+        let http1 = protocol == UpstreamProtocol::Http1
+            || (protocol == UpstreamProtocol::Auto && tls.is_none());
+        let inner = if http1 {
+            let pool = h1::Pool::new(pool.max_idle_per_backend, pool.idle_timeout);
+            Inner::H1(H1Client::new(pool, connector, addr))
+        } else {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(pool.idle_timeout)
+                .pool_max_idle_per_host(pool.max_idle_per_backend)
+                .http2_only(protocol == UpstreamProtocol::H2);
+            Inner::Hyper(Box::new(builder.build(connector)))
+        };
         UpstreamClient {
-            inner: builder.build(connector),
+            inner,
             settings,
             tls,
         }
@@ -268,24 +331,117 @@ impl UpstreamClient {
         self.tls.as_ref()
     }
 
-    /// The URI scheme of requests to the backend: `https` with TLS.
-    pub fn scheme(&self) -> http::uri::Scheme {
-        if self.tls.is_some() {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
+    /// Idle pooled connections, for the HTTP/1.1 client (`None` for
+    /// hyper's, which does not tell).
+    pub fn idle(&self) -> Option<usize> {
+        match &self.inner {
+            Inner::H1(c) => Some(c.idle()),
+            Inner::Hyper(_) => None,
         }
     }
 
-    /// Sends `req` (its URI names the backend) and returns the response head
-    /// with a streaming body. The future does not borrow the client.
+    /// Sends a request to the backend at `addr` (`authority`) and returns
+    /// the response head with a streaming body; a `101` response carries
+    /// the upgraded stream as an [`UpgradeIo`] extension. The future does
+    /// not borrow the client.
     pub fn send(
         &self,
         addr: SocketAddr,
-        req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static {
-        let sending = self.inner.request(req);
-        async move { sending.await.map_err(|e| classify(addr, e)) }
+        authority: &Authority,
+        parts: Parts,
+        body: RequestBody,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'static {
+        // Moved into the future whole; boxing would only add an allocation.
+        #[allow(clippy::large_enum_variant)]
+        enum Call<F> {
+            H1(H1Client, Parts, RequestBody),
+            Hyper(F),
+            Refused(ProxyError),
+        }
+        let call = match &self.inner {
+            Inner::H1(client) => Call::H1(client.clone(), parts, body),
+            Inner::Hyper(client) => match target(parts, self.tls.is_some(), authority) {
+                Ok(parts) => Call::Hyper(client.request(Request::from_parts(parts, body))),
+                Err(e) => Call::Refused(e),
+            },
+        };
+        async move {
+            match call {
+                Call::H1(client, parts, body) => {
+                    let response = client.send(parts, body).await?;
+                    Ok(response.map(|b| b.map_or(UpstreamBody::Empty, UpstreamBody::H1)))
+                }
+                Call::Hyper(sending) => {
+                    let mut response = sending.await.map_err(|e| classify(addr, e))?;
+                    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        if let Ok(upgraded) = hyper::upgrade::on(&mut response).await {
+                            let io = UpgradeIo::new(TokioIo::new(upgraded));
+                            response.extensions_mut().insert(io);
+                        }
+                    }
+                    Ok(response.map(UpstreamBody::Hyper))
+                }
+                Call::Refused(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Points a request at the backend for hyper's client: an absolute URI
+/// with its address (`https` with TLS). The path is moved over, not parsed
+/// again.
+fn target(mut parts: Parts, tls: bool, authority: &Authority) -> Result<Parts, ProxyError> {
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    uri.authority = Some(authority.clone());
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest {
+        what: "invalid request target",
+    })?;
+    Ok(parts)
+}
+
+/// A backend's response body, from either client.
+// Boxing the common variant would cost an allocation per response.
+#[allow(clippy::large_enum_variant)]
+pub enum UpstreamBody {
+    H1(ResponseBody),
+    Hyper(Incoming),
+    /// After an upgrade: the stream went to the [`UpgradeIo`].
+    Empty,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 
@@ -295,24 +451,7 @@ fn classify(addr: SocketAddr, err: hyper_util::client::legacy::Error) -> ProxyEr
         let mut source = err.source();
         while let Some(e) = source {
             if let Some(c) = e.downcast_ref::<ConnectError>() {
-                return match c {
-                    ConnectError::Timeout { addr, after } => ProxyError::ConnectTimeout {
-                        addr: *addr,
-                        after: *after,
-                    },
-                    ConnectError::Io { addr, source } => ProxyError::Connect {
-                        addr: *addr,
-                        source: io::Error::new(source.kind(), source.to_string()),
-                    },
-                    ConnectError::Tls { addr, source } => ProxyError::Tls {
-                        addr: *addr,
-                        source: io::Error::new(source.kind(), crate::tls::client::describe(source)),
-                    },
-                    ConnectError::NoAddress => ProxyError::Connect {
-                        addr,
-                        source: io::Error::new(io::ErrorKind::InvalidInput, c.to_string()),
-                    },
-                };
+                return c.to_proxy_error(addr);
             }
             source = e.source();
         }

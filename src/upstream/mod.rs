@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod h1;
 pub mod registry;
 
 use std::sync::Arc;

@@ -220,7 +220,7 @@ impl Conn {
 }
 
 /// One framing byte of the chunked coding (sizes, extensions, CRLFs).
-fn step(state: Chunk, b: u8) -> Result<Chunk, &'static str> {
+pub(crate) fn step(state: Chunk, b: u8) -> Result<Chunk, &'static str> {
     Ok(match state {
         Chunk::Size { size, digits } => match hex(b) {
             Some(d) => {
@@ -284,7 +284,7 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-fn clamp(remaining: u64, available: usize) -> usize {
+pub(crate) fn clamp(remaining: u64, available: usize) -> usize {
     usize::try_from(remaining).map_or(available, |r| r.min(available))
 }
 
@@ -313,7 +313,7 @@ fn is_forbidden_trailer(name: &HeaderName) -> bool {
         || name.as_str() == "keep-alive"
 }
 
-fn parse_trailers(block: &[u8], max: usize) -> Result<HeaderMap, BodyError> {
+pub(crate) fn parse_trailers(block: &[u8], max: usize) -> Result<HeaderMap, BodyError> {
     let mut headers = vec![httparse::EMPTY_HEADER; max.min(1024)];
     let parsed = match httparse::parse_headers(block, &mut headers) {
         Ok(httparse::Status::Complete((_, parsed))) => parsed,

@@ -53,6 +53,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use body::{BodyError, RequestBody};
 
+/// The chunked decoder's pieces, shared with the upstream client.
+pub(crate) mod chunked {
+    pub(crate) use super::body::{clamp, find, parse_trailers, step, Chunk};
+}
+
 use conn::{give_buf, lock, Continue, Shared};
 use parse::{Framing, Reject};
 use write::{Outcome, RequestInfo};

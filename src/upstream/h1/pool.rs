@@ -1,0 +1,268 @@
+//! Idle keep-alive connections to one backend.
+//!
+//! A connection is taken from the pool by the request that uses it and put
+//! back when its response has been read to the end, so no task sits beside
+//! a pooled connection and no channel carries a request to it. The most
+//! recently used connection goes out first (it is the least likely to have
+//! been closed by the backend). A connection the backend has closed while
+//! idle is found by looking at the reactor's readiness for it, which costs
+//! no system call unless the socket did become readable. Connections idle
+//! longer than `idle_timeout` are closed by a sweeper task that runs while
+//! the pool holds any.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::client::BackendStream;
+
+/// How often the sweeper looks, at most and at least.
+const SWEEP_MIN: Duration = Duration::from_millis(50);
+const SWEEP_MAX: Duration = Duration::from_secs(5);
+
+struct Idle {
+    stream: BackendStream,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    idle: VecDeque<Idle>,
+    sweeping: bool,
+}
+
+/// The idle connections of one backend.
+pub struct Pool {
+    inner: Mutex<Inner>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    /// Ends the sweeper when the pool goes (a removed backend).
+    gone: CancellationToken,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
+}
+
+impl Pool {
+    /// A pool keeping at most `max_idle` connections for `idle_timeout`.
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Pool {
+            inner: Mutex::new(Inner::default()),
+            max_idle,
+            idle_timeout,
+            gone: CancellationToken::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection that still looks usable, newest first.
+    pub fn checkout(&self) -> Option<BackendStream> {
+        loop {
+            let idle = {
+                let mut inner = self.lock();
+                let idle = inner.idle.pop_back()?;
+                if idle.since.elapsed() >= self.idle_timeout {
+                    // Everything older has expired too.
+                    let expired = std::mem::take(&mut inner.idle);
+                    drop(inner);
+                    drop(expired);
+                    return None;
+                }
+                idle
+            };
+            if still_open(&idle.stream) {
+                return Some(idle.stream);
+            }
+        }
+    }
+
+    /// Puts a connection whose last exchange ended cleanly back.
+    pub fn checkin(self: &Arc<Self>, stream: BackendStream) {
+        if self.max_idle == 0 || self.idle_timeout.is_zero() {
+            return;
+        }
+        let mut inner = self.lock();
+        let evicted = if inner.idle.len() >= self.max_idle {
+            inner.idle.pop_front()
+        } else {
+            None
+        };
+        inner.idle.push_back(Idle {
+            stream,
+            since: Instant::now(),
+        });
+        let start_sweeper = !inner.sweeping;
+        if start_sweeper {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                inner.sweeping = true;
+                let gone = self.gone.clone();
+                handle.spawn(sweep(Arc::downgrade(self), self.sweep_every(), gone));
+            }
+        }
+        drop(inner);
+        drop(evicted);
+    }
+
+    /// Idle connections held now.
+    pub fn idle(&self) -> usize {
+        self.lock().idle.len()
+    }
+
+    fn sweep_every(&self) -> Duration {
+        (self.idle_timeout / 2).clamp(SWEEP_MIN, SWEEP_MAX)
+    }
+
+    /// Closes expired connections; false once the pool is empty (the
+    /// sweeper then stops until a connection comes back).
+    fn sweep_once(&self) -> bool {
+        let mut inner = self.lock();
+        let keep_from = inner
+            .idle
+            .iter()
+            .position(|i| i.since.elapsed() < self.idle_timeout)
+            .unwrap_or(inner.idle.len());
+        let expired: Vec<Idle> = inner.idle.drain(..keep_from).collect();
+        let busy = !inner.idle.is_empty();
+        inner.sweeping = busy;
+        drop(inner);
+        drop(expired);
+        busy
+    }
+}
+
+async fn sweep(pool: Weak<Pool>, every: Duration, gone: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = gone.cancelled() => return,
+        }
+        let Some(pool) = pool.upgrade() else { return };
+        if !pool.sweep_once() {
+            return;
+        }
+    }
+}
+
+/// Whether an idle connection is still open: a readable idle connection
+/// was closed by the backend (or sent bytes nobody asked for), either way
+/// it cannot carry a request.
+fn still_open(stream: &BackendStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    let tcp = stream.tcp();
+    match tcp.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        // Readiness can be left over from the last read of the response;
+        // a read tells. Over TLS a stray record cannot be told from a
+        // close without decrypting, so the connection is dropped.
+        Poll::Ready(Ok(())) => match stream {
+            BackendStream::Plain(s) => {
+                matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            BackendStream::Tls(_) => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair(listener: &TcpListener) -> (BackendStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (BackendStream::Plain(client.unwrap()), server.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn newest_out_first_and_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(2, Duration::from_secs(60));
+        let mut servers = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            let (c, s) = pair(&listener).await;
+            ports.push(c.tcp().local_addr().unwrap().port());
+            pool.checkin(c);
+            servers.push(s);
+        }
+        assert_eq!(pool.idle(), 2);
+        let out = pool.checkout().unwrap();
+        assert_eq!(out.tcp().local_addr().unwrap().port(), ports[2]);
+        let out = pool.checkout().unwrap();
+        assert_eq!(out.tcp().local_addr().unwrap().port(), ports[1]);
+        assert!(pool.checkout().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_by_the_backend_is_not_handed_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(8, Duration::from_secs(60));
+        let (live, _keep) = pair(&listener).await;
+        pool.checkin(live);
+        let (dead, server) = pair(&listener).await;
+        pool.checkin(dead);
+        drop(server);
+        // Wait until the reactor has seen the close.
+        let mut waited = 0;
+        while still_open_newest(&pool) && waited < 500 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            waited += 1;
+        }
+        let out = pool.checkout().unwrap();
+        assert!(still_open(&out));
+        assert!(pool.checkout().is_none());
+    }
+
+    fn still_open_newest(pool: &Pool) -> bool {
+        let inner = pool.lock();
+        inner.idle.back().is_some_and(|i| still_open(&i.stream))
+    }
+
+    #[tokio::test]
+    async fn stray_bytes_make_a_connection_unusable() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (c, mut server) = pair(&listener).await;
+        server.write_all(b"x").await.unwrap();
+        c.tcp().readable().await.unwrap();
+        assert!(!still_open(&c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_expire() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(8, Duration::from_secs(10));
+        let (c, _s) = pair(&listener).await;
+        pool.checkin(c);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(pool.idle(), 0, "the sweeper closed it");
+        let (c, _s2) = pair(&listener).await;
+        pool.checkin(c);
+        assert_eq!(pool.idle(), 1, "a new sweeper runs");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(pool.idle(), 0);
+        assert!(pool.checkout().is_none());
+    }
+
+    #[tokio::test]
+    async fn no_pool_means_no_idle_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(0, Duration::from_secs(10));
+        let (c, _s) = pair(&listener).await;
+        pool.checkin(c);
+        assert!(pool.checkout().is_none());
+    }
+}
