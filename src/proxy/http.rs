@@ -147,17 +147,11 @@ pub async fn handle(
     upstream.budget.deposit();
     let retryable =
         policy.attempts > 1 && !upgrade && body.is_end_stream() && is_idempotent(&parts);
-    let template = retryable.then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.version,
-            parts.headers.clone(),
-        )
-    });
     let timeouts = &upstream.config.timeouts;
     let deadline = Instant::now() + timeouts.request;
-    let mut first = Some((parts, body));
+    // The head is lent to each attempt; the body goes with the first (a
+    // retried request has none).
+    let mut first_body = Some(body);
     let mut tried = Vec::new();
     let mut attempt = 1;
     let (mut guard, backend, mut response) = loop {
@@ -175,32 +169,21 @@ pub async fn handle(
             return error_response(&upstream.no_backend(), Some(exchange));
         };
         let backend = Arc::clone(guard.backend());
-        let (parts, body) = match first.take() {
-            Some(pair) => pair,
+        let body = match first_body.take() {
+            Some(body) => body,
+            None if retryable => RequestBody::Empty,
             None => {
-                let Some((method, uri, version, headers)) = template.clone() else {
-                    guard.abandon();
-                    return error_response(
-                        &ProxyError::BadRequest { what: "retry" },
-                        Some(exchange),
-                    );
-                };
-                let mut parts = Request::new(()).into_parts().0;
-                parts.method = method;
-                parts.uri = uri;
-                parts.version = version;
-                parts.headers = headers;
-                (parts, RequestBody::Empty)
+                guard.abandon();
+                return error_response(&ProxyError::BadRequest { what: "retry" }, Some(exchange));
             }
         };
         exchange.attempts = attempt;
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = timeouts.per_try.min(left);
-        // The send future owns what it needs: the client guard is released
-        // before waiting.
+        // The client guard is released before waiting.
         let sending = backend
             .client()
-            .send(backend.addr, &backend.authority, parts, body);
+            .send(backend.addr, &backend.authority, &parts, body);
         let sent = tokio::time::timeout(limit, sending).await;
         let result = match sent {
             Ok(result) => result,

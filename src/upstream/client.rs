@@ -343,31 +343,30 @@ impl UpstreamClient {
     /// Sends a request to the backend at `addr` (`authority`) and returns
     /// the response head with a streaming body; a `101` response carries
     /// the upgraded stream as an [`UpgradeIo`] extension. The future does
-    /// not borrow the client.
-    pub fn send(
+    /// not borrow the client; it borrows the head, which stays with the
+    /// caller for a retry.
+    pub fn send<'a>(
         &self,
         addr: SocketAddr,
         authority: &Authority,
-        parts: Parts,
+        parts: &'a Parts,
         body: RequestBody,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'static {
-        // Moved into the future whole; boxing would only add an allocation.
-        #[allow(clippy::large_enum_variant)]
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
         enum Call<F> {
-            H1(H1Client, Parts, RequestBody),
+            H1(H1Client, RequestBody),
             Hyper(F),
             Refused(ProxyError),
         }
         let call = match &self.inner {
-            Inner::H1(client) => Call::H1(client.clone(), parts, body),
-            Inner::Hyper(client) => match target(parts, self.tls.is_some(), authority) {
+            Inner::H1(client) => Call::H1(client.clone(), body),
+            Inner::Hyper(client) => match target(copy_head(parts), self.tls.is_some(), authority) {
                 Ok(parts) => Call::Hyper(client.request(Request::from_parts(parts, body))),
                 Err(e) => Call::Refused(e),
             },
         };
         async move {
             match call {
-                Call::H1(client, parts, body) => {
+                Call::H1(client, body) => {
                     let response = client.send(parts, body).await?;
                     Ok(response.map(|b| b.map_or(UpstreamBody::Empty, UpstreamBody::H1)))
                 }
@@ -385,6 +384,16 @@ impl UpstreamClient {
             }
         }
     }
+}
+
+/// A copy of a request head for hyper's client, which takes it by value.
+fn copy_head(parts: &Parts) -> Parts {
+    let mut copy = Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
 }
 
 /// Points a request at the backend for hyper's client: an absolute URI

@@ -299,7 +299,9 @@ fn build(buf: &mut BytesMut, s: Scanned, spans: &[Span]) -> Result<Head, Reject>
         .map_err(|_| Reject::bad_request("invalid request target"))?;
     check_target_form(&s.method, &uri)?;
 
-    let mut map = HeaderMap::with_capacity(s.count);
+    // Room for the X-Forwarded-* fields the proxy adds, so they do not
+    // make the map grow.
+    let mut map = HeaderMap::with_capacity(s.count + 4);
     let mut upgrade = None;
     for (i, span) in spans[..s.count].iter().enumerate() {
         if span.skip {

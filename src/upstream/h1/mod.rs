@@ -92,7 +92,7 @@ impl H1Client {
     /// body; for `101` no body but an [`UpgradeIo`] extension.
     pub async fn send(
         self,
-        parts: Parts,
+        parts: &Parts,
         body: RequestBody,
     ) -> Result<Response<Option<ResponseBody>>, ProxyError> {
         let inner = &*self.inner;
@@ -100,7 +100,7 @@ impl H1Client {
         let mut wbuf = buffers::take();
         let framing = head::encode_request(
             &mut wbuf,
-            &parts,
+            parts,
             &inner.authority,
             body.is_end_stream(),
             body.size_hint().exact(),
