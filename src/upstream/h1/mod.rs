@@ -112,9 +112,10 @@ impl H1Client {
             let reused = pooled.is_some();
             let mut io = match pooled.take() {
                 Some(io) => io,
-                None => inner
-                    .connector
-                    .connect(addr)
+                // Boxed: a new connection (and its TLS handshake) is the
+                // rare case, and its state would otherwise make every
+                // request's future larger.
+                None => Box::pin(inner.connector.connect(addr))
                     .await
                     .map_err(|e| e.to_proxy_error(addr))?,
             };
