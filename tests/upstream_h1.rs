@@ -405,3 +405,50 @@ async fn large_bodies_stream_both_ways_at_once() {
     assert_eq!(decoded.len(), SIZE);
     assert!(decoded == body, "the echo matches");
 }
+
+#[tokio::test]
+async fn response_fields_are_relayed_without_hop_by_hop_ones() {
+    let (backend, _) = scripted(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while read_request(&mut s, &mut buf).await.is_some() {
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive, X-Secret\r\n\
+                      X-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\n\
+                      Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 2\r\n\r\nok",
+                )
+                .await;
+        }
+    })
+    .await;
+    let (_proxy, addr) = proxy_for(backend).await;
+    // An HTTP/1.1 client gets the fields as the backend wrote them.
+    let text = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        text,
+        "HTTP/1.1 200 OK\r\nServer: up\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\
+         content-length: 2\r\nconnection: close\r\n\r\nok"
+    );
+    // So does an HTTP/2 client, through a header map.
+    let req = http::Request::get(format!("http://{addr}/"))
+        .body(support::empty())
+        .expect("request");
+    let answer = support::send(&support::h2_client(), req).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "ok");
+    // (hyper's HTTP/2 server adds `date`.)
+    let mut names: Vec<&str> = answer
+        .headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| *k != "date")
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["content-length", "server", "set-cookie"]);
+    assert_eq!(answer.headers.get_all("set-cookie").iter().count(), 2);
+}

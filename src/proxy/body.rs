@@ -169,6 +169,15 @@ impl ProxyBody {
     }
 }
 
+impl h1::ResponseFields for ProxyBody {
+    fn take_encoded_fields(&mut self) -> Option<h1::EncodedFields> {
+        match &mut self.kind {
+            Kind::Upstream(body) => body.take_encoded_fields(),
+            Kind::Full(_) => None,
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;

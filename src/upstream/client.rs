@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use crate::config::{PoolConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::proxy::body::RequestBody;
 use crate::proxy::error::{BoxError, ProxyError};
-use crate::proxy::h1::UpgradeIo;
+use crate::proxy::h1::{EncodedFields, UpgradeIo};
 use crate::tls::client::UpstreamTls;
 use crate::upstream::backend::BackendKey;
 use crate::upstream::h1::{self, H1Client, ResponseBody};
@@ -345,12 +345,17 @@ impl UpstreamClient {
     /// the upgraded stream as an [`UpgradeIo`] extension. The future does
     /// not borrow the client; it borrows the head, which stays with the
     /// caller for a retry.
+    ///
+    /// With `encode_fields` (an HTTP/1.1 client), a response from the
+    /// HTTP/1.1 client carries its fields in wire form in its body (see
+    /// [`crate::proxy::h1::ResponseFields`]) and an empty `HeaderMap`.
     pub fn send<'a>(
         &self,
         addr: SocketAddr,
         authority: &Authority,
         parts: &'a Parts,
         body: RequestBody,
+        encode_fields: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
         enum Call<F> {
             H1(H1Client, RequestBody),
@@ -367,7 +372,7 @@ impl UpstreamClient {
         async move {
             match call {
                 Call::H1(client, body) => {
-                    let response = client.send(parts, body).await?;
+                    let response = client.send(parts, body, encode_fields).await?;
                     Ok(response.map(|b| b.map_or(UpstreamBody::Empty, UpstreamBody::H1)))
                 }
                 Call::Hyper(sending) => {
@@ -420,6 +425,16 @@ pub enum UpstreamBody {
     Hyper(Incoming),
     /// After an upgrade: the stream went to the [`UpgradeIo`].
     Empty,
+}
+
+impl UpstreamBody {
+    /// The response's fields in wire form, when they were kept so.
+    pub fn take_encoded_fields(&mut self) -> Option<EncodedFields> {
+        match self {
+            UpstreamBody::H1(b) => b.take_encoded_fields(),
+            _ => None,
+        }
+    }
 }
 
 impl Body for UpstreamBody {

@@ -118,6 +118,30 @@ impl Transport for TcpStream {
     }
 }
 
+/// A response's header fields already in HTTP/1.1 wire form, for a
+/// response relayed from an HTTP/1.1 backend: written as they are instead
+/// of through a `HeaderMap`.
+#[derive(Debug, Clone)]
+pub struct EncodedFields {
+    /// `name: value\r\n` lines, without framing or hop-by-hop fields.
+    pub lines: Bytes,
+    /// The response's declared Content-Length (not among `lines`).
+    pub content_length: Option<u64>,
+}
+
+/// A response body that may carry its response's header fields encoded
+/// ([`EncodedFields`]); when it does, the response's `HeaderMap` is empty.
+pub trait ResponseFields {
+    fn take_encoded_fields(&mut self) -> Option<EncodedFields> {
+        None
+    }
+}
+
+impl ResponseFields for RequestBody {}
+impl ResponseFields for http_body_util::Full<Bytes> {}
+impl ResponseFields for http_body_util::Empty<Bytes> {}
+impl<D, E> ResponseFields for http_body_util::combinators::BoxBody<D, E> {}
+
 /// A bidirectional byte stream: what an upgraded upstream connection is.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 
@@ -218,7 +242,7 @@ where
     T: Transport,
     H: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
     serve_connection_parkable(io, settings, shutdown, handler, || None)
@@ -255,7 +279,7 @@ where
     T: Transport,
     H: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
     let io: Box<dyn Transport> = Box::new(io);
@@ -346,7 +370,7 @@ async fn serve<H, Fut, B>(
 where
     H: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
     loop {
@@ -396,7 +420,7 @@ async fn serve_request<H, Fut, B>(
 where
     H: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
     let head = match read_head(conn, settings).await {

@@ -25,6 +25,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A body fed from a channel: no size hint, frames when the test says so.
 struct ChanBody(mpsc::Receiver<Frame<Bytes>>);
 
+impl ResponseFields for ChanBody {}
+
 impl Body for ChanBody {
     type Data = Bytes;
     type Error = Infallible;
@@ -79,7 +81,7 @@ async fn serve<F, Fut, B>(settings: H1Settings, handler: F) -> Server
 where
     F: Fn(Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + ResponseFields + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

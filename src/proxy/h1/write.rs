@@ -18,7 +18,7 @@ use http_body::Body;
 
 use super::conn::{lock, take_buf, Shared};
 use super::parse::{trim_ows, Reject};
-use super::{BoxError, Io, ServeError, UpgradeIo};
+use super::{BoxError, Io, ResponseFields, ServeError, UpgradeIo};
 
 /// Data frames up to this size are copied into the write buffer.
 const COPY_MAX: usize = 4 * 1024;
@@ -95,10 +95,10 @@ pub(crate) async fn write_response<B>(
     req: RequestInfo,
 ) -> Result<Outcome, ServeError>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
-    let (mut parts, body) = res.into_parts();
+    let (mut parts, mut body) = res.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         return write_upgrade(conn, wbuf, parts, req).await;
     }
@@ -106,20 +106,36 @@ where
         return Err(invalid(conn, wbuf, "invalid-response", "1xx final response").await);
     }
 
-    let mut keep_alive = req.keep_alive && !has_close(&parts.headers);
-    for name in [CONNECTION, TRANSFER_ENCODING] {
-        parts.headers.remove(name);
-    }
-    parts.headers.remove("keep-alive");
+    let encoded = body.take_encoded_fields();
     let no_body = req.is_head
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
-    if parts.status == StatusCode::NO_CONTENT {
-        parts.headers.remove(CONTENT_LENGTH);
-    }
     let mut extra = Extra::default();
-    let declared = declared_length(&mut parts.headers);
+    let mut keep_alive = req.keep_alive;
+    let declared = match &encoded {
+        // Relayed fields: framing and hop-by-hop fields are already out,
+        // and the length is written by us.
+        Some(fields) => fields
+            .content_length
+            .filter(|_| parts.status != StatusCode::NO_CONTENT)
+            .map(|n| (n, false)),
+        None => {
+            keep_alive &= !has_close(&parts.headers);
+            for name in [CONNECTION, TRANSFER_ENCODING] {
+                parts.headers.remove(name);
+            }
+            parts.headers.remove("keep-alive");
+            if parts.status == StatusCode::NO_CONTENT {
+                parts.headers.remove(CONTENT_LENGTH);
+            }
+            declared_length(&mut parts.headers)
+        }
+    };
     let framing = if no_body {
+        // A HEAD or 304 answer keeps the length it declares.
+        if let Some((n, false)) = declared {
+            extra.length = Some(n);
+        }
         Framing::None
     } else if let Some((n, keep)) = declared {
         if !keep {
@@ -148,7 +164,10 @@ where
     if wbuf.capacity() == 0 {
         *wbuf = take_buf();
     }
-    encode_head(wbuf, parts.status, &parts.headers, &extra);
+    match &encoded {
+        Some(fields) => encode_head_with(wbuf, parts.status, &fields.lines, &extra),
+        None => encode_head(wbuf, parts.status, &parts.headers, &extra),
+    }
     let complete = match framing {
         Framing::None | Framing::Length(0) => true,
         _ => write_body(conn, wbuf, body, framing).await?,
@@ -372,6 +391,17 @@ struct Extra {
 fn encode_head(wbuf: &mut BytesMut, status: StatusCode, headers: &HeaderMap, extra: &Extra) {
     put_status_line(wbuf, status);
     encode_fields(wbuf, headers);
+    put_extra(wbuf, extra);
+}
+
+/// [`encode_head`] with the fields already encoded.
+fn encode_head_with(wbuf: &mut BytesMut, status: StatusCode, lines: &[u8], extra: &Extra) {
+    put_status_line(wbuf, status);
+    wbuf.put_slice(lines);
+    put_extra(wbuf, extra);
+}
+
+fn put_extra(wbuf: &mut BytesMut, extra: &Extra) {
     if let Some(n) = extra.length {
         wbuf.put_slice(b"content-length: ");
         wbuf.put_slice(itoa::Buffer::new().format(n).as_bytes());

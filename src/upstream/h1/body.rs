@@ -20,6 +20,7 @@ use crate::proxy::body::RequestBody;
 use crate::proxy::buffers;
 use crate::proxy::error::BoxError;
 use crate::proxy::h1::chunked::{self, Chunk};
+use crate::proxy::h1::EncodedFields;
 use crate::upstream::client::BackendStream;
 
 /// Room asked for by each read of a response body; also bounds its frames.
@@ -203,6 +204,8 @@ pub struct ResponseBody {
     keep_alive: bool,
     upload: Option<Box<Upload>>,
     pool: Arc<Pool>,
+    /// The response's fields in wire form, until the writer takes them.
+    encoded: Option<EncodedFields>,
 }
 
 impl ResponseBody {
@@ -213,6 +216,7 @@ impl ResponseBody {
         keep_alive: bool,
         upload: Option<Box<Upload>>,
         pool: Arc<Pool>,
+        encoded: Option<EncodedFields>,
     ) -> Self {
         let decoder = match framing {
             ResponseFraming::Empty => Decoder::Done,
@@ -228,7 +232,13 @@ impl ResponseBody {
             keep_alive,
             upload,
             pool,
+            encoded,
         }
+    }
+
+    /// The response's fields in wire form, when they were kept so.
+    pub fn take_encoded_fields(&mut self) -> Option<EncodedFields> {
+        self.encoded.take()
     }
 
     /// Keeps the request body going; a failure there ends the upload but

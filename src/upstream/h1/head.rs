@@ -3,6 +3,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::proxy::h1::EncodedFields;
 use http::request::Parts;
 use http::response;
 use http::{Method, Response, StatusCode, Version};
@@ -120,12 +122,161 @@ pub struct ResponseHead {
     pub parts: response::Parts,
     /// Bytes of the buffer the head took.
     pub len: usize,
+    pub framing: ResponseFraming,
+    /// The connection can carry another request after this response.
+    pub keep_alive: bool,
+    /// The fields in wire form, when asked for; `parts.headers` is then
+    /// empty.
+    pub encoded: Option<EncodedFields>,
 }
 
-/// Parses a response head at the start of `buf`; `Ok(None)` when it is not
-/// complete yet. Field values share one copy of the head's bytes, so `buf`
-/// itself is not kept alive by the result.
-pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body (HEAD, 1xx, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes the connection.
+    Close,
+}
+
+/// What the framing and connection fields of a head say.
+#[derive(Default)]
+struct Facts {
+    close: bool,
+    keep_alive: bool,
+    /// `Connection` names a field other than `close` and `keep-alive`.
+    names_fields: bool,
+    transfer_encoding: bool,
+    chunked_last: bool,
+    has_length: bool,
+    length: Option<u64>,
+    length_error: Option<&'static str>,
+}
+
+impl Facts {
+    fn scan(fields: &[httparse::Header<'_>]) -> Self {
+        let mut facts = Facts::default();
+        for field in fields {
+            let name = field.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"connection") {
+                for token in tokens(field.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        facts.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        facts.keep_alive = true;
+                    } else {
+                        facts.names_fields = true;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                facts.transfer_encoding = true;
+                if let Some(last) = tokens(field.value).last() {
+                    facts.chunked_last = last.eq_ignore_ascii_case(b"chunked");
+                }
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                facts.has_length = true;
+                for part in field.value.split(|&b| b == b',').map(trim) {
+                    if part.is_empty() || !part.iter().all(u8::is_ascii_digit) || part.len() > 19 {
+                        facts.length_error = Some("invalid content-length");
+                        continue;
+                    }
+                    let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                    if facts.length.is_some_and(|l| l != n) {
+                        facts.length_error = Some("conflicting content-length");
+                    }
+                    facts.length = Some(n);
+                }
+            }
+        }
+        facts
+    }
+
+    /// The framing of a response with `status` to a request with `method`
+    /// (RFC 9112 section 6.3), and whether the connection stays usable.
+    fn framing(
+        &self,
+        method: &Method,
+        status: StatusCode,
+        version: Version,
+    ) -> Result<(ResponseFraming, bool), HeadError> {
+        let keep_alive = match version {
+            Version::HTTP_10 => self.keep_alive,
+            _ => !self.close,
+        };
+        if *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok((ResponseFraming::Empty, keep_alive));
+        }
+        if self.transfer_encoding {
+            // Transfer-Encoding wins over Content-Length; a message with
+            // both is suspect, so its connection is not reused.
+            return Ok(if self.chunked_last {
+                (ResponseFraming::Chunked, keep_alive && !self.has_length)
+            } else {
+                (ResponseFraming::Close, false)
+            });
+        }
+        if let Some(e) = self.length_error {
+            return Err(HeadError(e));
+        }
+        Ok(match self.length {
+            Some(n) => (ResponseFraming::Length(n), keep_alive),
+            None => (ResponseFraming::Close, false),
+        })
+    }
+}
+
+/// The non-empty, trimmed tokens of a comma-separated field value.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Fields that belong to one connection or to the framing (RFC 9110
+/// section 7.6.1); relayed fields leave them out.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 10] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"content-length",
+    ];
+    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Whether a `Connection` field among `fields` names `name`.
+fn named_by_connection(fields: &[httparse::Header<'_>], name: &[u8]) -> bool {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|f| tokens(f.value))
+        .any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// Parses a response head to a request with `method` at the start of
+/// `buf`; `Ok(None)` when it is not complete yet. With `encode` (and not a
+/// 1xx), the fields come back in wire form for an HTTP/1.1 client, less
+/// framing and hop-by-hop fields; otherwise as a `HeaderMap` whose values
+/// share one copy of the head's bytes. Either way `buf` is not kept alive
+/// by the result.
+pub fn parse_response(
+    buf: &[u8],
+    method: &Method,
+    encode: bool,
+) -> Result<Option<ResponseHead>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut res = httparse::Response::new(&mut fields);
     let len = match res.parse(buf) {
@@ -148,95 +299,53 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let head = Bytes::copy_from_slice(&buf[..len]);
-    let base = buf.as_ptr() as usize;
-    let mut headers = HeaderMap::with_capacity(res.headers.len());
-    for field in res.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| HeadError("invalid field name"))?;
-        let start = field.value.as_ptr() as usize - base;
-        let value = HeaderValue::from_maybe_shared(head.slice(start..start + field.value.len()))
-            .map_err(|_| HeadError("invalid field value"))?;
-        headers.append(name, value);
-    }
+    let fields = &*res.headers;
+    let facts = Facts::scan(fields);
+    let (framing, keep_alive) = facts.framing(method, status, version)?;
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;
-    parts.headers = headers;
-    Ok(Some(ResponseHead { parts, len }))
-}
-
-/// How a response body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponseFraming {
-    /// No body (HEAD, 1xx, 204, 304).
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Until the backend closes the connection.
-    Close,
-}
-
-/// The framing of a response to a request with `method`, and whether the
-/// connection can carry another request after it.
-pub fn response_framing(
-    method: &Method,
-    head: &response::Parts,
-) -> Result<(ResponseFraming, bool), HeadError> {
-    let headers = &head.headers;
-    let mut keep_alive = match head.version {
-        Version::HTTP_10 => has_token(headers, header::CONNECTION, b"keep-alive"),
-        _ => !has_token(headers, header::CONNECTION, b"close"),
-    };
-    let status = head.status;
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((ResponseFraming::Empty, keep_alive));
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Transfer-Encoding wins over Content-Length; a message with both
-        // is suspect, so its connection is not reused.
-        keep_alive &= !headers.contains_key(header::CONTENT_LENGTH);
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(trim)
-            .rfind(|t| !t.is_empty());
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case(b"chunked") => (ResponseFraming::Chunked, keep_alive),
-            _ => (ResponseFraming::Close, false),
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = trim(part);
-            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) || part.len() > 19 {
-                return Err(HeadError("invalid content-length"));
+    let encoded = if encode && !status.is_informational() {
+        let mut lines = BytesMut::with_capacity(len);
+        for field in fields {
+            let name = field.name.as_bytes();
+            if is_hop_by_hop(name) || (facts.names_fields && named_by_connection(fields, name)) {
+                continue;
             }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(HeadError("conflicting content-length"));
-            }
-            length = Some(n);
+            put_field(&mut lines, name, field.value);
         }
-    }
-    Ok(match length {
-        Some(n) => (ResponseFraming::Length(n), keep_alive),
-        None => (ResponseFraming::Close, false),
-    })
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| trim(t).eq_ignore_ascii_case(token))
-    })
+        let content_length = match framing {
+            ResponseFraming::Length(n) => Some(n),
+            ResponseFraming::Empty if facts.length_error.is_none() => facts.length,
+            _ => None,
+        };
+        Some(EncodedFields {
+            lines: lines.freeze(),
+            content_length,
+        })
+    } else {
+        let head = Bytes::copy_from_slice(&buf[..len]);
+        let base = buf.as_ptr() as usize;
+        let mut headers = HeaderMap::with_capacity(fields.len());
+        for field in fields {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| HeadError("invalid field name"))?;
+            let start = field.value.as_ptr() as usize - base;
+            let value =
+                HeaderValue::from_maybe_shared(head.slice(start..start + field.value.len()))
+                    .map_err(|_| HeadError("invalid field value"))?;
+            headers.append(name, value);
+        }
+        parts.headers = headers;
+        None
+    };
+    Ok(Some(ResponseHead {
+        parts,
+        len,
+        framing,
+        keep_alive,
+        encoded,
+    }))
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {
@@ -323,29 +432,60 @@ mod tests {
         assert_eq!(&buf[..], b"1a2f\r\n0\r\n");
     }
 
+    fn parse(raw: &[u8], method: Method) -> ResponseHead {
+        parse_response(raw, &method, false).unwrap().unwrap()
+    }
+
     #[test]
     fn response_heads_parse_whole_or_not_at_all() {
         let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: b c\r\n\r\nabc";
-        assert!(parse_response(&raw[..20]).unwrap().is_none());
-        let head = parse_response(raw).unwrap().unwrap();
+        assert!(parse_response(&raw[..20], &Method::GET, false)
+            .unwrap()
+            .is_none());
+        let head = parse(raw, Method::GET);
         assert_eq!(head.len, raw.len() - 3);
         assert_eq!(head.parts.status, StatusCode::OK);
         assert_eq!(head.parts.headers["x-a"], "b c");
         assert_eq!(
-            response_framing(&Method::GET, &head.parts).unwrap(),
+            (head.framing, head.keep_alive),
             (ResponseFraming::Length(3), true)
         );
+        let head = parse(raw, Method::HEAD);
         assert_eq!(
-            response_framing(&Method::HEAD, &head.parts).unwrap(),
+            (head.framing, head.keep_alive),
             (ResponseFraming::Empty, true)
         );
     }
 
     #[test]
+    fn encoded_fields_leave_out_framing_and_hop_by_hop_fields() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive, X-Hop\r\n\
+            x-hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nx-b:  y \r\n\r\nok";
+        let head = parse_response(raw, &Method::GET, true).unwrap().unwrap();
+        assert!(head.parts.headers.is_empty());
+        let fields = head.encoded.expect("encoded");
+        assert_eq!(&fields.lines[..], b"Server: x\r\nx-b: y\r\n");
+        assert_eq!(fields.content_length, Some(2));
+        let head = parse_response(raw, &Method::HEAD, true).unwrap().unwrap();
+        assert_eq!(head.encoded.expect("encoded").content_length, Some(2));
+        let head = parse_response(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: ws\r\n\r\n",
+            &Method::GET,
+            true,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(head.encoded.is_none(), "an upgrade keeps its HeaderMap");
+        assert_eq!(head.parts.headers["upgrade"], "ws");
+    }
+
+    #[test]
     fn framing_follows_rfc_9112() {
         let framing = |raw: &[u8]| {
-            let head = parse_response(raw).unwrap().unwrap();
-            response_framing(&Method::GET, &head.parts)
+            parse_response(raw, &Method::GET, false).map(|h| {
+                let h = h.unwrap();
+                (h.framing, h.keep_alive)
+            })
         };
         assert_eq!(
             framing(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
@@ -390,16 +530,17 @@ mod tests {
 
     #[test]
     fn bad_heads_are_errors() {
-        assert!(parse_response(b"HTTP/1.1 2000 OK\r\n\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nbad field\r\n\r\n").is_err());
+        let parse = |raw: &[u8]| parse_response(raw, &Method::GET, false);
+        assert!(parse(b"HTTP/1.1 2000 OK\r\n\r\n").is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nbad field\r\n\r\n").is_err());
         let mut big = b"HTTP/1.1 200 OK\r\n".to_vec();
         big.resize(MAX_RESPONSE_HEAD + 10, b'a');
-        assert!(parse_response(&big).is_err());
+        assert!(parse(&big).is_err());
         let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
         for i in 0..=MAX_RESPONSE_HEADERS {
             many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert!(parse_response(&many).is_err());
+        assert!(parse(&many).is_err());
     }
 }

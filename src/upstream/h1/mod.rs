@@ -31,7 +31,7 @@ use std::task::{ready, Poll};
 
 use bytes::{Buf, BytesMut};
 use http::request::Parts;
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
 
@@ -89,11 +89,14 @@ impl H1Client {
     }
 
     /// Sends the request and returns the response head with a streaming
-    /// body; for `101` no body but an [`UpgradeIo`] extension.
+    /// body; for `101` no body but an [`UpgradeIo`] extension. With
+    /// `encode_fields` (the client speaks HTTP/1.1 too), the response's
+    /// fields travel in wire form with the body instead of in a `HeaderMap`.
     pub async fn send(
         self,
         parts: &Parts,
         body: RequestBody,
+        encode_fields: bool,
     ) -> Result<Response<Option<ResponseBody>>, ProxyError> {
         let inner = &*self.inner;
         let addr = inner.addr;
@@ -120,7 +123,11 @@ impl H1Client {
                     .map_err(|e| e.to_proxy_error(addr))?,
             };
             let mut rbuf = BytesMut::new();
-            match exchange(&mut io, &wbuf, &mut upload, &mut rbuf, addr).await {
+            let how = Parse {
+                method: &parts.method,
+                encode: encode_fields,
+            };
+            match exchange(&mut io, &wbuf, &mut upload, &mut rbuf, addr, how).await {
                 Ok(head) => break (io, rbuf, head),
                 Err(failed) => {
                     buffers::give(rbuf);
@@ -136,7 +143,13 @@ impl H1Client {
         };
         buffers::give(wbuf);
         let upload = upload.filter(|u| !u.is_done());
-        let ResponseHead { parts: head, len } = head;
+        let ResponseHead {
+            parts: head,
+            len,
+            framing,
+            keep_alive,
+            encoded,
+        } = head;
         let mut rbuf = rbuf;
         rbuf.advance(len);
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -148,8 +161,6 @@ impl H1Client {
             response.extensions_mut().insert(UpgradeIo::new(upgraded));
             return Ok(response);
         }
-        let (framing, keep_alive) =
-            head::response_framing(&parts.method, &head).map_err(|e| bad_response(addr, e))?;
         let body = ResponseBody::new(
             io,
             rbuf,
@@ -157,9 +168,17 @@ impl H1Client {
             keep_alive,
             upload,
             Arc::clone(&inner.pool),
+            encoded,
         );
         Ok(Response::from_parts(head, Some(body)))
     }
+}
+
+/// How to read the response head.
+#[derive(Clone, Copy)]
+struct Parse<'a> {
+    method: &'a Method,
+    encode: bool,
 }
 
 fn bad_response(addr: SocketAddr, e: HeadError) -> ProxyError {
@@ -177,6 +196,7 @@ async fn exchange(
     upload: &mut Option<Box<Upload>>,
     rbuf: &mut BytesMut,
     addr: SocketAddr,
+    how: Parse<'_>,
 ) -> Result<ResponseHead, Failed> {
     let mut written = 0;
     let mut flushed = false;
@@ -231,7 +251,7 @@ async fn exchange(
         }
         loop {
             if !rbuf.is_empty() {
-                match head::parse_response(rbuf) {
+                match head::parse_response(rbuf, how.method, how.encode) {
                     Err(e) => {
                         return Poll::Ready(Err(Failed {
                             error: bad_response(addr, e),
