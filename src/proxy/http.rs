@@ -146,11 +146,11 @@ pub async fn handle(
     // Only a request that can be sent again unchanged is retried: an
     // idempotent one with no body (a streamed body cannot be replayed).
     let policy = &upstream.config.retry;
-    upstream.budget.deposit();
+    upstream.budget.deposit(started);
     let retryable =
         policy.attempts > 1 && !upgrade && body.is_end_stream() && is_idempotent(&parts);
     let timeouts = &upstream.config.timeouts;
-    let deadline = Instant::now() + timeouts.request;
+    let deadline = started + timeouts.request;
     // The head is lent to each attempt; the body goes with the first (a
     // retried request has none).
     let mut first_body = Some(body);
@@ -180,7 +180,12 @@ pub async fn handle(
             }
         };
         exchange.attempts = attempt;
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = if attempt == 1 {
+            started
+        } else {
+            Instant::now()
+        };
+        let left = deadline.saturating_duration_since(now);
         let limit = timeouts.per_try.min(left);
         // The client guard is released before waiting.
         let sending = backend.client().send(

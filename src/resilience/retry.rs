@@ -104,7 +104,11 @@ impl RetryBudget {
     }
 
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_secs()
+        self.second(Instant::now())
+    }
+
+    fn second(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_secs()
     }
 
     fn bucket(&self, second: u64) -> &(AtomicU64, AtomicU64, AtomicU64) {
@@ -116,9 +120,12 @@ impl RetryBudget {
         b
     }
 
-    /// Counts one request.
-    pub fn deposit(&self) {
-        self.bucket(self.now()).1.fetch_add(1, Ordering::Relaxed);
+    /// Counts one request, made at `at` (the caller's clock reading, so
+    /// the hot path reads the clock once).
+    pub fn deposit(&self, at: Instant) {
+        self.bucket(self.second(at))
+            .1
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry if the budget allows it.
@@ -165,7 +172,7 @@ mod tests {
     async fn the_budget_caps_retries_at_the_ratio_plus_the_floor() {
         let budget = RetryBudget::new(0.2);
         for _ in 0..100 {
-            budget.deposit();
+            budget.deposit(Instant::now());
         }
         let granted = (0..1000).filter(|_| budget.try_withdraw()).count() as u64;
         assert_eq!(granted, 20 + MIN_RETRIES_PER_WINDOW);

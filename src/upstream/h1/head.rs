@@ -1,6 +1,8 @@
 //! The pure parts of the HTTP/1.1 client: a request head out, a response
 //! head in, and the framing each implies (RFC 9112 sections 6 and 9).
 
+use std::mem::MaybeUninit;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -277,9 +279,17 @@ pub fn parse_response(
     method: &Method,
     encode: bool,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut res = httparse::Response::new(&mut fields);
-    let len = match res.parse(buf) {
+    // Left uninitialised: httparse fills what it parses, and zeroing 4 KiB
+    // of fields per response would cost more than the parse.
+    let mut fields =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
             return Err(HeadError("head too large"))
