@@ -509,7 +509,11 @@ where
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);
-        async move { Ok::<_, Infallible>(handle(&shared, &info, req.map(RequestBody::H2)).await) }
+        // Boxed: hyper moves each stream's future into a task of its own,
+        // and a box moves as a pointer where the request future is 2 KiB.
+        Box::pin(async move {
+            Ok::<_, Infallible>(handle(&shared, &info, req.map(RequestBody::H2)).await)
+        })
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new()).max_concurrent_streams(256);
