@@ -111,7 +111,15 @@ where
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
     let mut extra = Extra::default();
-    let mut keep_alive = req.keep_alive;
+    // Fields in the map (all of them, or those the handler added to
+    // encoded ones) can still ask to close.
+    let mut keep_alive = req.keep_alive && !has_close(&parts.headers);
+    if !parts.headers.is_empty() {
+        for name in [CONNECTION, TRANSFER_ENCODING] {
+            parts.headers.remove(name);
+        }
+        parts.headers.remove("keep-alive");
+    }
     let declared = match &encoded {
         // Relayed fields: framing and hop-by-hop fields are already out,
         // and the length is written by us.
@@ -120,11 +128,6 @@ where
             .filter(|_| parts.status != StatusCode::NO_CONTENT)
             .map(|n| (n, false)),
         None => {
-            keep_alive &= !has_close(&parts.headers);
-            for name in [CONNECTION, TRANSFER_ENCODING] {
-                parts.headers.remove(name);
-            }
-            parts.headers.remove("keep-alive");
             if parts.status == StatusCode::NO_CONTENT {
                 parts.headers.remove(CONTENT_LENGTH);
             }
@@ -165,7 +168,7 @@ where
         *wbuf = take_buf();
     }
     match &encoded {
-        Some(fields) => encode_head_with(wbuf, parts.status, &fields.lines, &extra),
+        Some(fields) => encode_head_with(wbuf, parts.status, &fields.lines, &parts.headers, &extra),
         None => encode_head(wbuf, parts.status, &parts.headers, &extra),
     }
     let complete = match framing {
@@ -394,10 +397,18 @@ fn encode_head(wbuf: &mut BytesMut, status: StatusCode, headers: &HeaderMap, ext
     put_extra(wbuf, extra);
 }
 
-/// [`encode_head`] with the fields already encoded.
-fn encode_head_with(wbuf: &mut BytesMut, status: StatusCode, lines: &[u8], extra: &Extra) {
+/// [`encode_head`] with the fields already encoded, plus any the handler
+/// added to the (otherwise empty) map.
+fn encode_head_with(
+    wbuf: &mut BytesMut,
+    status: StatusCode,
+    lines: &[u8],
+    added: &HeaderMap,
+    extra: &Extra,
+) {
     put_status_line(wbuf, status);
     wbuf.put_slice(lines);
+    encode_fields(wbuf, added);
     put_extra(wbuf, extra);
 }
 
