@@ -44,15 +44,16 @@ pub enum ExchangeError {
     RequestLength,
 }
 
-/// Reads into `buf` from `io`, making room for `want` bytes when it is
-/// nearly full. `Ok(0)` is the end of the stream.
+/// Reads into `buf` from `io` with room for at least `want` bytes (a
+/// pooled buffer grows once and stays grown). `Ok(0)` is the end of the
+/// stream.
 pub(super) fn poll_fill(
     io: &mut BackendStream,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
     want: usize,
 ) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < 512 {
+    if buf.capacity() - buf.len() < want {
         if buf.capacity() == 0 {
             *buf = buffers::take();
         }

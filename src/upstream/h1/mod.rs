@@ -46,8 +46,9 @@ use crate::upstream::client::{BackendStream, Connector};
 use body::{poll_fill, Upload};
 use head::{HeadError, RequestFraming, ResponseHead};
 
-/// Room asked for by each read of a response head.
-const HEAD_READ: usize = 4 * 1024;
+/// Room asked for by each read of a response head: enough for a head and
+/// a 16 KiB body to arrive in one read.
+const HEAD_READ: usize = 17 * 1024;
 
 /// The HTTP/1.1 client of one backend. Cloning it is cheap.
 #[derive(Clone)]
