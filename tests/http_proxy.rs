@@ -1038,3 +1038,39 @@ async fn a_backend_back_from_down_ramps_up_under_slow_start() {
     assert!(share < 20, "{share} of 100 requests");
     drop(back);
 }
+
+#[tokio::test]
+async fn first_bytes_arriving_in_pieces_still_pick_the_protocol() {
+    let backend = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&backend], "")).await;
+    let addr = proxy.listener_addr("web").expect("web");
+
+    // HTTP/1.1: one byte, then the rest.
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"G").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    conn.write_all(b"ET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.expect("read");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("a"), "{text}");
+
+    // h2c: half the preface, then the rest and an empty SETTINGS frame;
+    // the proxy answers with its own SETTINGS frame.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(&preface[..10]).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    conn.write_all(&preface[10..]).await.expect("write");
+    conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("write");
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut frame))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
+}

@@ -1,7 +1,7 @@
 //! Looking at what a client sent first without consuming it.
 //!
-//! The HTTP/2 preface sniff, the PROXY protocol reader and the TLS
-//! ClientHello reader all need the same loop: peek at the bytes queued on
+//! The PROXY protocol reader and the TLS ClientHello reader (for SNI
+//! routing of passthrough connections) both need the same loop: peek at the bytes queued on
 //! the socket, ask a parser whether it can decide, and otherwise wait for
 //! more. `peek` leaves the socket readable, so waiting on readiness alone
 //! would spin; between peeks that saw no new byte the loop sleeps 1 ms,

@@ -245,7 +245,7 @@ where
     B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
-    serve_connection_parkable(io, settings, shutdown, handler, || None)
+    serve_connection_parkable(io, BytesMut::new(), settings, shutdown, handler, || None)
         .await
         .map(|_| ())
 }
@@ -267,9 +267,11 @@ pub enum Ended {
 /// [`serve_connection`], where a connection whose transport is a plain
 /// `TcpStream` and that waits for its next request for as long as
 /// `park_after` says (asked each time it goes idle; `None` never) is handed
-/// back as [`Ended::Parked`] instead of keeping its task.
+/// back as [`Ended::Parked`] instead of keeping its task. `first` holds
+/// bytes already read from the connection (the start of the first request).
 pub async fn serve_connection_parkable<T, H, Fut, B>(
     io: T,
+    first: BytesMut,
     settings: &H1Settings,
     shutdown: CancellationToken,
     mut handler: H,
@@ -285,11 +287,9 @@ where
     let io: Box<dyn Transport> = Box::new(io);
     let is_tcp = (&*io as &dyn Any).is::<TcpStream>();
     let park_after = || park_after().filter(|p| is_tcp && *p < settings.idle_timeout);
-    let conn: Shared = Arc::new(Mutex::new(conn::Conn::new(
-        io,
-        settings.max_head_bytes,
-        settings.max_headers,
-    )));
+    let mut state = conn::Conn::new(io, settings.max_head_bytes, settings.max_headers);
+    state.rbuf = first;
+    let conn: Shared = Arc::new(Mutex::new(state));
     let mut wbuf = BytesMut::new();
     let res = serve(
         &conn,
