@@ -594,15 +594,11 @@ mod tests {
         assert!(h.get(header::UPGRADE).is_some());
     }
 
-    /// Size of the future an async fn of three arguments returns.
-    fn output_size<A, B, C, F: std::future::Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
     /// Every request's future is built and then moved into its box, so its
     /// size is copied once per request (and held while it is in flight).
     #[test]
     fn the_request_future_stays_small() {
+        use crate::proxy::output_size;
         let size = output_size(handle);
         println!("request future: {size} bytes");
         assert!(size <= 2304, "request future grew to {size} bytes");

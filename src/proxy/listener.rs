@@ -11,17 +11,15 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +30,7 @@ use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::proxy::body::RequestBody;
 use crate::proxy::http::{handle, record_refused, ConnInfo, TlsInfo};
 use crate::proxy::park::{self, Parking};
+use crate::proxy::prefixed::Prefixed;
 use crate::proxy::{buffers, h1};
 use crate::proxy::{proxy_protocol, tcp};
 use crate::state::Shared;
@@ -540,64 +539,6 @@ async fn sniff_h2(stream: &mut TcpStream, limit: Duration) -> (Sniff, BytesMut) 
     (sniff, buf)
 }
 
-/// A stream whose first bytes were already read: they are read again first.
-struct Prefixed<S> {
-    first: Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    fn new(first: Bytes, inner: S) -> Self {
-        Prefixed { first, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.first.is_empty() {
-            let n = this.first.len().min(buf.remaining());
-            buf.put_slice(&this.first.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 async fn serve_h2<S>(shared: Arc<Shared>, info: Arc<ConnInfo>, stream: S, close: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -632,15 +573,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future;
+    use crate::proxy::output_size;
 
-    /// Size of the future an async fn of three arguments returns.
-    fn output_size<A, B, C, F: Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    /// Each open connection holds one of these futures for its whole life,
-    /// idle keep-alive time included, so its size is memory per connection.
+    /// Each open connection holds one of these futures until it is parked
+    /// (or for its whole life on TLS), so its size is memory per connection.
     #[test]
     fn a_connection_task_stays_small() {
         let size = output_size(serve_conn);

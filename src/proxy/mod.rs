@@ -10,7 +10,15 @@ pub mod http;
 pub mod listener;
 pub mod park;
 pub mod peek;
+pub mod prefixed;
 pub mod proxy_protocol;
 pub mod route;
 pub mod sni;
 pub mod tcp;
+
+/// Size of the future an async fn of three arguments returns (tests bound
+/// the futures the data path keeps per connection and per request).
+#[cfg(test)]
+pub(crate) fn output_size<A, B, C, F: std::future::Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
+    std::mem::size_of::<F>()
+}

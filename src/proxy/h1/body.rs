@@ -172,19 +172,10 @@ impl Conn {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            // Framing bytes, one at a time: they are few per chunk.
-            let mut state = chunk;
-            let mut used = 0;
-            for &b in self.rbuf.iter() {
-                used += 1;
-                state = match step(state, b) {
-                    Ok(s) => s,
-                    Err(e) => return Poll::Ready(Some(Err(BodyError::InvalidChunk(e)))),
-                };
-                if matches!(state, Chunk::Data { .. } | Chunk::Trailers) {
-                    break;
-                }
-            }
+            let (state, used) = match frame(chunk, &self.rbuf) {
+                Ok(done) => done,
+                Err(e) => return Poll::Ready(Some(Err(BodyError::InvalidChunk(e)))),
+            };
             self.rbuf.advance(used);
             self.body = Decoder::Chunked(state);
         }
@@ -219,8 +210,24 @@ impl Conn {
     }
 }
 
+/// Reads framing bytes (sizes, extensions, CRLFs) from `buf` from `state`
+/// until chunk data or the trailer section begins, or `buf` runs out.
+/// Returns the new state and the bytes used. One byte at a time: there
+/// are few per chunk.
+pub(crate) fn frame(mut state: Chunk, buf: &[u8]) -> Result<(Chunk, usize), &'static str> {
+    let mut used = 0;
+    for &b in buf {
+        used += 1;
+        state = step(state, b)?;
+        if matches!(state, Chunk::Data { .. } | Chunk::Trailers) {
+            break;
+        }
+    }
+    Ok((state, used))
+}
+
 /// One framing byte of the chunked coding (sizes, extensions, CRLFs).
-pub(crate) fn step(state: Chunk, b: u8) -> Result<Chunk, &'static str> {
+fn step(state: Chunk, b: u8) -> Result<Chunk, &'static str> {
     Ok(match state {
         Chunk::Size { size, digits } => match hex(b) {
             Some(d) => {

@@ -55,7 +55,8 @@ pub use body::{BodyError, RequestBody};
 
 /// The chunked decoder's pieces, shared with the upstream client.
 pub(crate) mod chunked {
-    pub(crate) use super::body::{clamp, find, parse_trailers, step, Chunk};
+    pub(crate) use super::body::{clamp, find, frame, parse_trailers, Chunk};
+    pub(crate) use super::write::put_chunk_size;
 }
 
 use conn::{give_buf, lock, Continue, Shared};

@@ -438,7 +438,8 @@ fn encode_fields(wbuf: &mut BytesMut, headers: &HeaderMap) {
     }
 }
 
-fn put_chunk_size(wbuf: &mut BytesMut, len: usize) {
+/// Writes a chunk-size line for `len` bytes.
+pub(crate) fn put_chunk_size(wbuf: &mut BytesMut, len: usize) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();
     let mut n = len;

@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use super::head::{self, RequestFraming, ResponseFraming};
 use super::pool::Pool;
@@ -331,23 +331,14 @@ impl ResponseBody {
                         Err(e) => Poll::Ready(Some(Err(e))),
                     };
                 }
-                Decoder::Chunked(mut state) => {
+                Decoder::Chunked(state) => {
                     if let Err(e) = ready!(self.need(cx)) {
                         return Poll::Ready(Some(Err(e)));
                     }
-                    let mut used = 0;
-                    for &b in self.rbuf.iter() {
-                        used += 1;
-                        state = match chunked::step(state, b) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                return Poll::Ready(Some(Err(ExchangeError::InvalidChunk(e))))
-                            }
-                        };
-                        if matches!(state, Chunk::Data { .. } | Chunk::Trailers) {
-                            break;
-                        }
-                    }
+                    let (state, used) = match chunked::frame(state, &self.rbuf) {
+                        Ok(done) => done,
+                        Err(e) => return Poll::Ready(Some(Err(ExchangeError::InvalidChunk(e)))),
+                    };
                     self.rbuf.advance(used);
                     self.decoder = Decoder::Chunked(state);
                 }
@@ -427,46 +418,5 @@ impl Drop for ResponseBody {
             self.pool.checkin(io);
         }
         buffers::give(std::mem::take(&mut self.rbuf));
-    }
-}
-
-/// An upgraded connection: the bytes read past the 101 head, then the
-/// stream.
-pub struct Upgraded {
-    pub(super) read_first: Bytes,
-    pub(super) io: BackendStream,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read_first.is_empty() {
-            let n = this.read_first.len().min(buf.remaining());
-            buf.put_slice(&this.read_first.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

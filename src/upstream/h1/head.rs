@@ -87,22 +87,7 @@ fn put_field(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
     buf.put_slice(b"\r\n");
 }
 
-/// Writes a chunk-size line for `len` bytes.
-pub fn put_chunk_size(buf: &mut BytesMut, len: usize) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    let mut n = len;
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.put_slice(&digits[i..]);
-    buf.put_slice(b"\r\n");
-}
+pub(crate) use crate::proxy::h1::chunked::put_chunk_size;
 
 /// Writes the last chunk and `trailers`.
 pub fn put_trailers(buf: &mut BytesMut, trailers: &HeaderMap) {

@@ -35,13 +35,14 @@ use http::{Method, Response, StatusCode};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
 
-pub use body::{ExchangeError, ResponseBody, Upgraded};
+pub use body::{ExchangeError, ResponseBody};
 pub use pool::Pool;
 
 use crate::proxy::body::RequestBody;
 use crate::proxy::buffers;
 use crate::proxy::error::ProxyError;
 use crate::proxy::h1::UpgradeIo;
+use crate::proxy::prefixed::Prefixed;
 use crate::upstream::client::{BackendStream, Connector};
 use body::{poll_fill, Upload};
 use head::{HeadError, RequestFraming, ResponseHead};
@@ -154,10 +155,7 @@ impl H1Client {
         let mut rbuf = rbuf;
         rbuf.advance(len);
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
-            let upgraded = Upgraded {
-                read_first: rbuf.split().freeze(),
-                io,
-            };
+            let upgraded = Prefixed::new(rbuf.split().freeze(), io);
             let mut response = Response::from_parts(head, None);
             response.extensions_mut().insert(UpgradeIo::new(upgraded));
             return Ok(response);
