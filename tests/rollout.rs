@@ -353,6 +353,9 @@ fn kubernetes_rollout_replayed_loses_no_request() {
         send(&h2_client(), req).await.status.as_u16()
     });
     rt.block_on(slow.wait_hits(2));
+    // The slow requests end SLOW after this (they reached the backend
+    // just before).
+    let slow_arrived = Instant::now();
     let before = served(old.admin, "app");
 
     // SIGTERM: /readyz must say 503 at once.
@@ -371,6 +374,7 @@ fn kubernetes_rollout_replayed_loses_no_request() {
 
     let code = old.wait_exit(Duration::from_secs(20));
     let exited_after = signalled.elapsed();
+    let exited_after_slow_arrived = slow_arrived.elapsed();
     assert_eq!(code, Some(0), "the old pod exits 0");
     assert_eq!(
         rt.block_on(slow_h1).expect("task"),
@@ -422,9 +426,12 @@ fn kubernetes_rollout_replayed_loses_no_request() {
         closed_in_drain > 0,
         "HTTP/1.1 answers during the drain say `connection: close`"
     );
+    // Measured from their arrival (not from SIGTERM, which came a little
+    // later), with 50 ms for the notification of that arrival; a pod that
+    // did not wait would exit at drain_delay, 1.5 s sooner.
     assert!(
-        exited_after >= SLOW,
-        "the old pod waited for its slow requests"
+        exited_after_slow_arrived + Duration::from_millis(50) >= SLOW,
+        "the old pod waited for its slow requests ({exited_after_slow_arrived:?})"
     );
 
     new.signal(Signal::SIGTERM);
