@@ -86,6 +86,14 @@ fn errors(text: &str) -> Vec<ConfigError> {
     }
 }
 
+/// Each error's key path and message.
+fn paths_and_messages(errors: &[ConfigError]) -> Vec<(&str, &str)> {
+    errors
+        .iter()
+        .map(|e| (e.path.as_str(), e.message.as_str()))
+        .collect()
+}
+
 /// The errors as `sluice check` prints them.
 fn error_lines(text: &str) -> Vec<String> {
     errors(text).iter().map(ToString::to_string).collect()
@@ -646,10 +654,7 @@ fn duplicate_names_are_rejected() {
          \n[[upstream]]\nname = \"app\"\nbackends = [\"127.0.0.1:9002\"]\n"
     );
     let errors = errors(&text);
-    let got: Vec<(&str, &str)> = errors
-        .iter()
-        .map(|e| (e.path.as_str(), e.message.as_str()))
-        .collect();
+    let got = paths_and_messages(&errors);
     assert_eq!(
         got,
         [
@@ -676,10 +681,7 @@ fn listeners_may_not_share_a_port_with_each_other_or_the_admin() {
          [[listener]]\nname = \"ephemeral2\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n"
     );
     let errors = errors(&text);
-    let got: Vec<(&str, &str)> = errors
-        .iter()
-        .map(|e| (e.path.as_str(), e.message.as_str()))
-        .collect();
+    let got = paths_and_messages(&errors);
     assert_eq!(
         got,
         [
@@ -882,10 +884,7 @@ fn split_entries_are_checked() {
          { upstream = \"app\", weight = 0 }, { upstream = \"app\" }]",
     );
     let errors = errors(&text);
-    let got: Vec<(&str, &str)> = errors
-        .iter()
-        .map(|e| (e.path.as_str(), e.message.as_str()))
-        .collect();
+    let got = paths_and_messages(&errors);
     assert_eq!(
         got,
         [

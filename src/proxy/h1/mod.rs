@@ -53,9 +53,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use body::{BodyError, RequestBody};
 
-/// The chunked decoder's pieces, shared with the upstream client.
+/// The chunked decoder's pieces and field-value trimming, shared with the
+/// upstream client.
 pub(crate) mod chunked {
     pub(crate) use super::body::{clamp, find, frame, parse_trailers, Chunk};
+    pub(crate) use super::parse::trim_ows;
     pub(crate) use super::write::put_chunk_size;
 }
 

@@ -6,7 +6,9 @@ use std::mem::MaybeUninit;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::proxy::h1::chunked::trim_ows;
 use crate::proxy::h1::EncodedFields;
+use crate::proxy::http::HOP_BY_HOP;
 use http::request::Parts;
 use http::response;
 use http::{Method, Response, StatusCode, Version};
@@ -164,7 +166,7 @@ impl Facts {
                 }
             } else if name.eq_ignore_ascii_case(b"content-length") {
                 facts.has_length = true;
-                for part in field.value.split(|&b| b == b',').map(trim) {
+                for part in field.value.split(|&b| b == b',').map(trim_ows) {
                     if part.is_empty() || !part.iter().all(u8::is_ascii_digit) || part.len() > 19 {
                         facts.length_error = Some("invalid content-length");
                         continue;
@@ -222,26 +224,17 @@ impl Facts {
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
-        .map(trim)
+        .map(trim_ows)
         .filter(|t| !t.is_empty())
 }
 
-/// Fields that belong to one connection or to the framing (RFC 9110
-/// section 7.6.1); relayed fields leave them out.
+/// Fields that belong to one connection or to the framing; relayed fields
+/// leave them out (the length travels beside them).
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 10] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"content-length",
-    ];
-    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+    HOP_BY_HOP
+        .iter()
+        .any(|n| n.as_bytes().eq_ignore_ascii_case(name))
+        || name.eq_ignore_ascii_case(b"content-length")
 }
 
 /// Whether a `Connection` field among `fields` names `name`.
@@ -341,16 +334,6 @@ pub fn parse_response(
         keep_alive,
         encoded,
     }))
-}
-
-fn trim(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
-        s = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = s {
-        s = rest;
-    }
-    s
 }
 
 #[cfg(test)]
