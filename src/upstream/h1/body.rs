@@ -44,9 +44,9 @@ pub enum ExchangeError {
     RequestLength,
 }
 
-/// Reads into `buf` from `io` with room for at least `want` bytes (a
-/// pooled buffer grows once and stays grown). `Ok(0)` is the end of the
-/// stream.
+/// Reads into `buf` from `io` with room for at least `want` bytes. An
+/// empty buffer that is too small is swapped for one large enough rather
+/// than grown (growing copies it). `Ok(0)` is the end of the stream.
 pub(super) fn poll_fill(
     io: &mut BackendStream,
     cx: &mut Context<'_>,
@@ -54,10 +54,12 @@ pub(super) fn poll_fill(
     want: usize,
 ) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < want {
-        if buf.capacity() == 0 {
-            *buf = buffers::take();
+        if buf.is_empty() {
+            buffers::give(std::mem::take(buf));
+            *buf = buffers::take_at_least(want);
+        } else {
+            buf.reserve(want);
         }
-        buf.reserve(want);
     }
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }

@@ -49,7 +49,7 @@ use head::{HeadError, RequestFraming, ResponseHead};
 
 /// Room asked for by each read of a response head: enough for a head and
 /// a 16 KiB body to arrive in one read.
-const HEAD_READ: usize = 17 * 1024;
+const HEAD_READ: usize = buffers::BUF_LARGE;
 
 /// The HTTP/1.1 client of one backend. Cloning it is cheap.
 #[derive(Clone)]
