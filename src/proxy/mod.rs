@@ -7,6 +7,7 @@ pub mod buffers;
 pub mod error;
 pub mod h1;
 pub mod http;
+pub mod lazy;
 pub mod listener;
 pub mod park;
 pub mod peek;

@@ -14,18 +14,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
-use crate::proxy::listener::listen_shared;
+use crate::proxy::listener::{listen_shared, ListenSocket};
 
 /// One running accept loop and its socket.
 pub(super) struct RunningListener {
     pub config: ListenerConfig,
     /// The address actually bound.
     pub addr: SocketAddr,
-    pub socket: Arc<TcpListener>,
+    pub socket: Arc<ListenSocket>,
     /// Open connections, across hand-overs to a new accept loop.
     pub active: Arc<AtomicUsize>,
     /// Cancelled to stop this accept loop.
@@ -51,7 +50,7 @@ pub(super) enum Source {
     Keep(usize),
     /// A new accept loop on this socket.
     Start {
-        socket: Arc<TcpListener>,
+        socket: Arc<ListenSocket>,
         addr: SocketAddr,
         active: Arc<AtomicUsize>,
         /// The old listener whose loop this replaces, if any, and whether

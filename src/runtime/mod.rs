@@ -20,7 +20,6 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::admin::metrics::Metrics;
 use crate::config::{Config, ListenerConfig};
-use crate::proxy::listener::{accept_loop, BoundListener, ListenerControl};
+use crate::proxy::listener::{accept_loop, BoundListener, ListenSocket, ListenerControl};
 use crate::state::Shared;
 use discovery::Discovery;
 pub use listeners::BindFailure;
@@ -161,7 +160,7 @@ impl Control {
         &self,
         index: usize,
         config: &ListenerConfig,
-        socket: Arc<TcpListener>,
+        socket: Arc<ListenSocket>,
         addr: SocketAddr,
         active: Arc<AtomicUsize>,
     ) -> RunningListener {
@@ -228,7 +227,9 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
         addr: admin_addr,
         source,
     };
-    let admin_socket = TcpListener::bind(admin_addr).await.map_err(admin_failure)?;
+    let admin_socket = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(admin_failure)?;
     let admin = admin_socket.local_addr().map_err(admin_failure)?;
     let plan = listeners::plan(&[], &config.listeners).await?;
 

@@ -363,7 +363,7 @@ pub fn client_subject(conn: &ServerConnection) -> Option<Arc<str>> {
 /// make progress when rustls holds decrypted bytes (or the peer's
 /// close_notify), else when the socket is readable.
 impl h1::Transport for TlsStream<TcpStream> {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let (tcp, conn) = self.get_ref();
         if conn.wants_read() {
             tcp.poll_read_ready(cx)

@@ -36,7 +36,6 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-use std::any::Any;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -107,17 +106,39 @@ impl Default for H1Settings {
 }
 
 /// A transport the codec can wait on without a buffer.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Any {
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready when a read would make progress (data, end of stream or an
     /// error). A wrapper that buffers (TLS) must report its buffered
     /// plaintext as ready. A spurious wake-up is harmless: the codec then
     /// reads, gets `Pending`, and waits again.
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Whether an idle connection on this transport can be parked: a plain
+    /// TCP socket can, TLS cannot (its session state lives outside the
+    /// socket).
+    fn parkable(&self) -> bool {
+        false
+    }
+
+    /// The plain TCP socket under a [parkable](Self::parkable) transport,
+    /// off the reactor, for an idle connection to be parked.
+    fn into_parkable(self: Box<Self>) -> Option<std::net::TcpStream> {
+        None
+    }
 }
 
 impl Transport for TcpStream {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn parkable(&self) -> bool {
+        true
+    }
+
+    fn into_parkable(self: Box<Self>) -> Option<std::net::TcpStream> {
+        // A socket that cannot be deregistered is closed instead.
+        (*self).into_std().ok()
     }
 }
 
@@ -287,9 +308,9 @@ where
     B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
+    let parkable = io.parkable();
     let io: Box<dyn Transport> = Box::new(io);
-    let is_tcp = (&*io as &dyn Any).is::<TcpStream>();
-    let park_after = || park_after().filter(|p| is_tcp && *p < settings.idle_timeout);
+    let park_after = || park_after().filter(|p| parkable && *p < settings.idle_timeout);
     let mut state = conn::Conn::new(io, settings.max_head_bytes, settings.max_headers);
     state.rbuf = first;
     let conn: Shared = Arc::new(Mutex::new(state));
@@ -319,14 +340,10 @@ where
         return res.map(|_| Ended::Closed);
     };
     if let Ok(Arrival::Park(idle)) = res {
-        if let Ok(tcp) = (io as Box<dyn Any>).downcast::<TcpStream>() {
-            // A socket that cannot be deregistered is closed instead.
-            return Ok(match (*tcp).into_std() {
-                Ok(socket) => Ended::Parked { socket, idle },
-                Err(_) => Ended::Closed,
-            });
-        }
-        return Ok(Ended::Closed);
+        return Ok(match io.into_parkable() {
+            Some(socket) => Ended::Parked { socket, idle },
+            None => Ended::Closed,
+        });
     }
     close(io, unread).await;
     res.map(|_| Ended::Closed)
@@ -509,7 +526,7 @@ async fn wait_for_request(
 ) -> Option<io::Result<Arrival>> {
     let arrival = async {
         loop {
-            poll_fn(|cx| lock(conn).io()?.poll_read_ready(cx)).await?;
+            poll_fn(|cx| lock(conn).io()?.get_mut().poll_read_ready(cx)).await?;
             // Readiness can be stale; a read that would block puts the
             // buffer back and waits again.
             let read = poll_fn(|cx| {
