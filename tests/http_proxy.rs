@@ -220,6 +220,44 @@ async fn h2c_downstream_is_balanced_per_request_not_per_connection() {
     assert!(t.values().all(|&n| n == 3), "{t:?}");
 }
 
+/// The streams of one HTTP/2 connection share its task: a stream whose
+/// backend has not answered must not hold up the others.
+#[tokio::test]
+async fn h2c_streams_are_answered_while_another_waits() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(&[&a], "")).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    let client = h2_client();
+    let slow = {
+        let client = client.clone();
+        let req = Request::get(format!("http://{addr}/sleep/60000"))
+            .body(empty())
+            .expect("request");
+        tokio::spawn(async move { client.request(req).await.map(|r| r.status()) })
+    };
+    // Answered while the slow stream is still open on the same connection
+    // (hyper's client keeps one HTTP/2 connection per authority). The
+    // bound only turns a hang into a failure.
+    let quick = async {
+        let mut pending = Vec::new();
+        for _ in 0..16 {
+            let req = Request::get(format!("http://{addr}/"))
+                .body(empty())
+                .expect("request");
+            pending.push(send(&client, req));
+        }
+        for answer in futures_util::future::join_all(pending).await {
+            assert_eq!(answer.status, 200);
+            assert_eq!(answer.body, "a");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), quick)
+        .await
+        .expect("the quick streams were held up by the slow one");
+    assert!(!slow.is_finished(), "the slow stream was answered early");
+    slow.abort();
+}
+
 #[tokio::test]
 async fn h2c_both_sides_carries_grpc_trailers() {
     let a = Backend::start("a").await;

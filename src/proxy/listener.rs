@@ -9,7 +9,7 @@
 //! them; none is detached.
 
 use std::convert::Infallible;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -631,6 +632,11 @@ async fn sniff_h2(stream: &mut LazyTcp, limit: Duration) -> (Sniff, BytesMut) {
     (sniff, buf)
 }
 
+/// Serves an HTTP/2 connection with each of its streams run inside the
+/// connection's own task, not one task per stream: a stream that is
+/// answered wakes that one task, which then writes every answer that is
+/// ready in one go. Streams still progress independently; only the task
+/// is shared.
 async fn serve_h2<S>(shared: Arc<Shared>, info: Arc<ConnInfo>, stream: S, close: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -638,27 +644,67 @@ where
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);
-        // Boxed: hyper moves each stream's future into a task of its own,
-        // and a box moves as a pointer where the request future is 2 KiB.
-        Box::pin(async move {
-            Ok::<_, Infallible>(handle(&shared, &info, req.map(RequestBody::H2)).await)
-        })
+        async move { Ok::<_, Infallible>(handle(&shared, &info, req.map(RequestBody::H2)).await) }
     });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let streams = StreamQueue::default();
+    let mut builder = hyper::server::conn::http2::Builder::new(streams.clone());
     builder.timer(TokioTimer::new()).max_concurrent_streams(256);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(err) = res {
-                tracing::debug!(error = %err, "h2 connection ended with an error");
-            }
-            return;
+    let mut conn = std::pin::pin!(conn);
+    let mut running = FuturesUnordered::new();
+    let mut cancelled = std::pin::pin!(close.cancelled());
+    let mut closing = false;
+    let ended = poll_fn(|cx| {
+        if !closing && cancelled.as_mut().poll(cx).is_ready() {
+            closing = true;
+            conn.as_mut().graceful_shutdown();
         }
-        _ = close.cancelled() => conn.as_mut().graceful_shutdown(),
-    }
-    if let Err(err) = conn.await {
+        loop {
+            // Streams first, so answers that are ready go out together
+            // when the connection is polled next.
+            while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
+            let polled = conn.as_mut().poll(cx);
+            let started = streams.take();
+            let none_started = started.is_empty();
+            running.extend(started);
+            if polled.is_ready() || none_started {
+                return polled;
+            }
+        }
+    })
+    .await;
+    if let Err(err) = ended {
         tracing::debug!(error = %err, "h2 connection ended with an error");
+    }
+    // Streams the connection no longer waits for (it failed, or the client
+    // went away) end on their own: their sends fail.
+    while running.next().await.is_some() {}
+}
+
+/// The executor hyper's HTTP/2 server hands each new stream to: it queues
+/// the stream for the connection's task to run.
+#[derive(Clone, Default)]
+struct StreamQueue(Arc<std::sync::Mutex<Vec<BoxedStream>>>);
+
+type BoxedStream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl StreamQueue {
+    fn take(&self) -> Vec<BoxedStream> {
+        match self.0.lock() {
+            Ok(mut queued) if !queued.is_empty() => std::mem::take(&mut *queued),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamQueue
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        if let Ok(mut queued) = self.0.lock() {
+            queued.push(Box::pin(stream));
+        }
     }
 }
 
