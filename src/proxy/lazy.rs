@@ -99,6 +99,23 @@ impl LazyTcp {
             }
         }
     }
+
+    /// A write: `bare` on the bare socket, else `registered` through the
+    /// reactor.
+    fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        bare: impl FnMut(&std::net::TcpStream) -> io::Result<usize>,
+        registered: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if let Some(written) = self.try_bare(bare) {
+            return Poll::Ready(written);
+        }
+        match self.registered() {
+            Ok(stream) => registered(Pin::new(stream), cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
 }
 
 fn lost() -> io::Error {
@@ -138,14 +155,11 @@ impl AsyncWrite for LazyTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(written) = this.try_bare(|mut socket| socket.write(buf)) {
-            return Poll::Ready(written);
-        }
-        match this.registered() {
-            Ok(stream) => Pin::new(stream).poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().poll_write_with(
+            cx,
+            |mut socket| socket.write(buf),
+            |stream, cx| stream.poll_write(cx, buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -153,14 +167,11 @@ impl AsyncWrite for LazyTcp {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(written) = this.try_bare(|mut socket| socket.write_vectored(bufs)) {
-            return Poll::Ready(written);
-        }
-        match this.registered() {
-            Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().poll_write_with(
+            cx,
+            |mut socket| socket.write_vectored(bufs),
+            |stream, cx| stream.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
