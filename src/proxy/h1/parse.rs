@@ -430,15 +430,51 @@ fn parse_content_length(value: &[u8]) -> Result<u64, Reject> {
     })
 }
 
-/// `uri-host [ ":" port ]` or empty (RFC 9112 section 3.2).
+/// `uri-host [ ":" port ]` or empty (RFC 9112 section 3.2), checked in
+/// place: a registered name or IPv4 address of unreserved and sub-delim
+/// characters, or a bracketed IP literal, then an optional decimal port.
+/// Stricter than RFC 3986 where a proxy has no use for the latitude: no
+/// percent-encoding outside brackets and no empty host before a port.
 fn is_valid_host(value: &[u8]) -> bool {
     if value.is_empty() {
         return true;
     }
-    if value.contains(&b'@') {
-        return false;
+    let (host, port) = match value.strip_prefix(b"[") {
+        Some(rest) => {
+            let Some(close) = rest.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = &rest[..close];
+            if literal.is_empty() || !literal.iter().all(|&b| is_literal_char(b)) {
+                return false;
+            }
+            match &rest[close + 1..] {
+                [] => return true,
+                [b':', port @ ..] => (None, port),
+                _ => return false,
+            }
+        }
+        None => match value.iter().position(|&b| b == b':') {
+            Some(colon) => (Some(&value[..colon]), &value[colon + 1..]),
+            None => (Some(value), &[][..]),
+        },
+    };
+    if let Some(host) = host {
+        if host.is_empty() || !host.iter().all(|&b| is_reg_name_char(b)) {
+            return false;
+        }
     }
-    http::uri::Authority::try_from(value).is_ok()
+    port.iter().all(u8::is_ascii_digit)
+}
+
+/// RFC 3986 `unreserved` and `sub-delims`.
+fn is_reg_name_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+}
+
+/// Inside `[` `]`: an IPv6 address (with an RFC 6874 zone) or IPvFuture.
+fn is_literal_char(b: u8) -> bool {
+    is_reg_name_char(b) || b == b':' || b == b'%'
 }
 
 pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
@@ -449,4 +485,49 @@ pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
         s = rest;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_valid_host;
+
+    #[test]
+    fn hosts_are_checked_in_place() {
+        for ok in [
+            "",
+            "a",
+            "example.com",
+            "example.com:8080",
+            "example.com:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "[fe80::1%25eth0]:80",
+            "xn--bcher-kva.example",
+            "a_b~c!$&'()*+,;=",
+        ] {
+            assert!(is_valid_host(ok.as_bytes()), "{ok:?} refused");
+        }
+        for bad in [
+            "a b",
+            "a/b",
+            "a?b",
+            "a#b",
+            "user@example.com",
+            "example.com:80:80",
+            "example.com:8x",
+            ":80",
+            "[::1",
+            "::1]",
+            "[]",
+            "[::1]x",
+            "[::1]:8x",
+            "[[::1]]",
+            "a%20b",
+            "a\"b",
+            "a<b>",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad:?} accepted");
+        }
+    }
 }
