@@ -43,6 +43,9 @@ pub struct ConnInfo {
     pub destination: SocketAddr,
     /// Set on connections that came in over TLS.
     pub tls: Option<Arc<TlsInfo>>,
+    /// `peer`'s IP address as a header value, formatted once per
+    /// connection for each request's X-Forwarded-For.
+    peer_ip: HeaderValue,
 }
 
 /// What the TLS handshake of a client connection established.
@@ -70,15 +73,41 @@ impl ConnInfo {
 
     /// The client's IP address as a header value (X-Forwarded-For).
     pub fn peer_ip_header(&self) -> HeaderValue {
-        let mut buf = [0u8; 48];
-        let len = {
-            let mut w = &mut buf[..];
-            // An IP address always fits in 48 bytes.
-            let _ = write!(w, "{}", self.peer.ip());
-            48 - w.len()
-        };
-        HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+        self.peer_ip.clone()
     }
+}
+
+impl ConnInfo {
+    /// What the requests of a connection from `peer` to `destination`
+    /// accepted by listener `listener` know of it (`tls` is set after the
+    /// handshake).
+    pub fn new(
+        listener: usize,
+        listener_name: Arc<str>,
+        peer: SocketAddr,
+        destination: SocketAddr,
+    ) -> Self {
+        ConnInfo {
+            listener,
+            listener_name,
+            peer,
+            destination,
+            tls: None,
+            peer_ip: ip_header(peer.ip()),
+        }
+    }
+}
+
+/// An IP address as a header value.
+fn ip_header(ip: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 48];
+    let len = {
+        let mut w = &mut buf[..];
+        // An IP address always fits in 48 bytes.
+        let _ = write!(w, "{ip}");
+        48 - w.len()
+    };
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 const SLUICE_ERROR: HeaderName = HeaderName::from_static("sluice-error");
