@@ -534,9 +534,16 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 /// those named in `Connection` and the fixed hop-by-hop set. `te: trailers`
 /// stays (gRPC needs it); `upgrade` stays when the exchange is an upgrade.
 fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none of them: one pass over the names instead of
-    // a dozen hashed removals.
-    if !headers.keys().any(is_hop_by_hop) {
+    // Which of them are present, as bits of their index in HOP_BY_HOP:
+    // one pass over the names, no allocation, and most messages carry
+    // none or just `Connection`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     let te_trailers = headers
@@ -545,26 +552,25 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    // The ones present (usually just `Connection`), and the fields that
-    // `Connection` names; its `close` and `keep-alive` are options, not
-    // field names worth a lookup.
-    let mut doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n) && !(upgrade && *n == header::UPGRADE))
-        .cloned()
+    // The fields `Connection` names; its `close` and `keep-alive` are
+    // options, not field names worth a lookup (and no allocation when
+    // they are all it says).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
-    doomed.extend(
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE)),
-    );
-    for name in doomed {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 && !(upgrade && *name == "upgrade") {
+            headers.remove(*name);
+        }
+    }
+    for name in named {
         headers.remove(name);
     }
     if te_trailers {
@@ -585,11 +591,8 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "proxy-authenticate",
     "proxy-authorization",
 ];
-
-/// Whether `name` is (or may name) a hop-by-hop header.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
-}
+// `remove_hop_by_hop` keeps one bit per entry.
+const _: () = assert!(HOP_BY_HOP.len() <= 16);
 
 #[cfg(test)]
 mod tests {
