@@ -70,11 +70,10 @@ impl LazyTcp {
 
     /// The registered stream, registering the socket first if needed.
     fn registered(&mut self) -> io::Result<&mut TcpStream> {
-        if let State::Bare(_) = self.state {
-            let State::Bare(socket) = std::mem::replace(&mut self.state, State::Lost) else {
-                unreachable!("matched above");
-            };
-            self.state = State::Registered(TcpStream::from_std(socket)?);
+        if matches!(self.state, State::Bare(_)) {
+            if let State::Bare(socket) = std::mem::replace(&mut self.state, State::Lost) {
+                self.state = State::Registered(TcpStream::from_std(socket)?);
+            }
         }
         match &mut self.state {
             State::Registered(stream) => Ok(stream),
