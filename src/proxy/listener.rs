@@ -127,6 +127,15 @@ impl ListenSocket {
         })
         .await
     }
+
+    /// A connection waiting in the accept queue, whether or not the reactor
+    /// has reported it yet.
+    pub fn accept_now(&self) -> Option<io::Result<(std::net::TcpStream, SocketAddr)>> {
+        match accept_bare(self.fd.get_ref()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            accepted => Some(accepted),
+        }
+    }
 }
 
 /// `accept4` with the new socket non-blocking from the start (no second
@@ -284,9 +293,21 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
     }
     // Connections the kernel has already queued are served, not reset when
     // the socket closes: the other process sharing the port (SO_REUSEPORT)
-    // does not inherit them.
-    while let Some(Ok((stream, peer))) = listener.socket.accept_queued().await {
-        admit(&ctx, stream, peer);
+    // does not inherit them. A socket that lives on (a reload hands it to a
+    // new accept loop) keeps what the reactor has not reported yet for that
+    // loop; one that closes with this loop is emptied.
+    tokio::task::yield_now().await;
+    let closing = Arc::strong_count(&listener.socket) == 1;
+    loop {
+        let queued = if closing {
+            listener.socket.accept_now()
+        } else {
+            listener.socket.accept_queued().await
+        };
+        match queued {
+            Some(Ok((stream, peer))) => admit(&ctx, stream, peer),
+            Some(Err(_)) | None => break,
+        }
     }
 }
 
