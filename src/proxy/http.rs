@@ -9,7 +9,7 @@
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -43,9 +43,10 @@ pub struct ConnInfo {
     pub destination: SocketAddr,
     /// Set on connections that came in over TLS.
     pub tls: Option<Arc<TlsInfo>>,
-    /// `peer`'s IP address as a header value, formatted once per
-    /// connection for each request's X-Forwarded-For.
-    peer_ip: HeaderValue,
+    /// `peer`'s IP address as a header value for each request's
+    /// X-Forwarded-For, formatted by the connection's first request (a TCP
+    /// session never needs it).
+    peer_ip: OnceLock<HeaderValue>,
 }
 
 /// What the TLS handshake of a client connection established.
@@ -73,11 +74,11 @@ impl ConnInfo {
 
     /// The client's IP address as a header value (X-Forwarded-For).
     pub fn peer_ip_header(&self) -> HeaderValue {
-        self.peer_ip.clone()
+        self.peer_ip
+            .get_or_init(|| ip_header(self.peer.ip()))
+            .clone()
     }
-}
 
-impl ConnInfo {
     /// What the requests of a connection from `peer` to `destination`
     /// accepted by listener `listener` know of it (`tls` is set after the
     /// handshake).
@@ -93,7 +94,7 @@ impl ConnInfo {
             peer,
             destination,
             tls: None,
-            peer_ip: ip_header(peer.ip()),
+            peer_ip: OnceLock::new(),
         }
     }
 }
