@@ -295,7 +295,8 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
     // the socket closes: the other process sharing the port (SO_REUSEPORT)
     // does not inherit them. A socket that lives on (a reload hands it to a
     // new accept loop) keeps what the reactor has not reported yet for that
-    // loop; one that closes with this loop is emptied.
+    // loop; one that closes with this loop is emptied. Yield once first, so
+    // a shutdown that stopped this loop has dropped the runtime's handle.
     tokio::task::yield_now().await;
     let closing = Arc::strong_count(&listener.socket) == 1;
     loop {
