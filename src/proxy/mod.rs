@@ -6,6 +6,7 @@ pub mod body;
 pub mod buffers;
 pub mod error;
 pub mod h1;
+pub mod h2;
 pub mod http;
 pub mod lazy;
 pub mod listener;

@@ -1,0 +1,4 @@
+//! Our own HTTP/2 server codec for the downstream (client) side.
+
+pub mod hpack;
+mod huffman;
