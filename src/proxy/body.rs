@@ -14,13 +14,12 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::admin::metrics::{Outcome, RouteMetrics};
 use crate::proxy::access_log::{AccessLog, Entry};
 use crate::proxy::error::BoxError;
-use crate::proxy::h1;
+use crate::proxy::{h1, h2};
 use crate::resilience::limit::InFlightPermit;
 use crate::upstream::backend::RequestGuard;
 use crate::upstream::client::UpstreamBody;
@@ -28,7 +27,7 @@ use crate::upstream::client::UpstreamBody;
 /// A downstream request body, from either protocol.
 pub enum RequestBody {
     H1(h1::RequestBody),
-    H2(Incoming),
+    H2(h2::RequestBody),
     Empty,
     /// A body whose bytes are added to a counter as they pass (for the
     /// access log).

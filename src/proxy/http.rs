@@ -125,8 +125,6 @@ pub async fn handle(
     let started = Instant::now();
     let snapshot = shared.snapshot.load_full();
     let (mut parts, body) = req.into_parts();
-    // An HTTP/1.1 client's answer can take a backend's fields as they came.
-    let encode_fields = parts.version != Version::HTTP_2;
     let Some(listener) = snapshot.listener(conn.listener, &conn.listener_name) else {
         // The listener was removed by a reload; its connections drain.
         return error_response(&ProxyError::NoRoute, None);
@@ -216,13 +214,9 @@ pub async fn handle(
         let left = deadline.saturating_duration_since(now);
         let limit = timeouts.per_try.min(left);
         // The client guard is released before waiting.
-        let sending = backend.client().send(
-            backend.addr,
-            &backend.authority,
-            &parts,
-            body,
-            encode_fields,
-        );
+        let sending = backend
+            .client()
+            .send(backend.addr, &backend.authority, &parts, body);
         let sent = tokio::time::timeout(limit, sending).await;
         let result = match sent {
             Ok(result) => result,

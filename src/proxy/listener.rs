@@ -1,15 +1,14 @@
 //! Accept loops: one per listener, bounded by `max_connections`.
 //!
 //! Each accepted HTTP connection is served on its own task: a connection
-//! that opens with the HTTP/2 preface goes to hyper's HTTP/2 server (h2c
-//! prior knowledge), anything else to Sluice's own HTTP/1.1 codec. On a
-//! listener with `tls` the TLS handshake comes first (`tls::server`), then
-//! ALPN decides: `h2` goes to the HTTP/2 server, anything else to the
-//! HTTP/1.1 codec. Tasks are tracked so a graceful shutdown can wait for
+//! that opens with the HTTP/2 preface goes to Sluice's HTTP/2 codec
+//! (`proxy::h2`, h2c prior knowledge), anything else to its HTTP/1.1 codec
+//! (`proxy::h1`). On a listener with `tls` the TLS handshake comes first
+//! (`tls::server`), then ALPN decides: `h2` goes to the HTTP/2 codec,
+//! anything else to the HTTP/1.1 codec. Tasks are tracked so a graceful shutdown can wait for
 //! them; none is detached.
 
-use std::convert::Infallible;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,12 +19,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,8 +32,7 @@ use crate::proxy::body::RequestBody;
 use crate::proxy::http::{handle, record_refused, ConnInfo, TlsInfo};
 use crate::proxy::lazy::LazyTcp;
 use crate::proxy::park::{self, Parking};
-use crate::proxy::prefixed::Prefixed;
-use crate::proxy::{buffers, h1};
+use crate::proxy::{buffers, h1, h2};
 use crate::proxy::{proxy_protocol, tcp};
 use crate::state::Shared;
 use crate::tls::server::{self as tls_server, TlsAcceptor};
@@ -495,9 +489,7 @@ async fn serve_http(
     match sniff {
         // Boxed: the HTTP/2 state is large, and most connections never need it.
         Sniff::H2 => {
-            let (shared, info) = (Arc::clone(&ctx.shared), Arc::new(info.clone()));
-            let stream = Prefixed::new(first.freeze(), stream);
-            Box::pin(serve_h2(shared, info, stream, ctx.close.clone())).await;
+            Box::pin(serve_h2(ctx, info, stream, first)).await;
             None
         }
         Sniff::H1 => serve_h1(ctx, info, stream, first).await,
@@ -537,8 +529,7 @@ async fn serve_tls(
         client_subject: tls_server::client_subject(session),
     }));
     if is_h2 {
-        let shared = Arc::clone(&ctx.shared);
-        serve_h2(shared, Arc::new(info), stream, ctx.close.clone()).await;
+        serve_h2(ctx, &info, stream, BytesMut::new()).await;
     } else {
         serve_h1(ctx, &info, stream, BytesMut::new()).await;
     }
@@ -648,79 +639,28 @@ async fn sniff_h2(stream: &mut LazyTcp, limit: Duration) -> (Sniff, BytesMut) {
     (sniff, buf)
 }
 
-/// Serves an HTTP/2 connection with each of its streams run inside the
-/// connection's own task, not one task per stream: a stream that is
-/// answered wakes that one task, which then writes every answer that is
-/// ready in one go. Streams still progress independently; only the task
-/// is shared.
-async fn serve_h2<S>(shared: Arc<Shared>, info: Arc<ConnInfo>, stream: S, close: CancellationToken)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        let shared = Arc::clone(&shared);
-        let info = Arc::clone(&info);
-        async move { Ok::<_, Infallible>(handle(&shared, &info, req.map(RequestBody::H2)).await) }
-    });
-    let streams = StreamQueue::default();
-    let mut builder = hyper::server::conn::http2::Builder::new(streams.clone());
-    builder.timer(TokioTimer::new()).max_concurrent_streams(256);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
-    let mut running = FuturesUnordered::new();
-    let mut cancelled = std::pin::pin!(close.cancelled());
-    let mut closing = false;
-    let ended = poll_fn(|cx| {
-        if !closing && cancelled.as_mut().poll(cx).is_ready() {
-            closing = true;
-            conn.as_mut().graceful_shutdown();
-        }
-        loop {
-            // Streams first, so answers that are ready go out together
-            // when the connection is polled next.
-            while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
-            let polled = conn.as_mut().poll(cx);
-            let started = streams.take();
-            let none_started = started.is_empty();
-            running.extend(started);
-            if polled.is_ready() || none_started {
-                return polled;
-            }
-        }
-    })
-    .await;
-    if let Err(err) = ended {
+/// Serves an HTTP/2 connection with Sluice's own codec (`proxy::h2`).
+/// `first` holds what the h2c sniff already read.
+async fn serve_h2<S: h1::Transport>(
+    ctx: &ListenerCtx,
+    info: &ConnInfo,
+    stream: S,
+    first: BytesMut,
+) {
+    let shared = &ctx.shared;
+    let handler =
+        |req: http::Request<h2::RequestBody>| handle(shared, info, req.map(RequestBody::H2));
+    let refused = |status, reason| record_refused(shared, info, status, reason);
+    let settings = h2::H2Settings {
+        max_header_list: ctx.settings.max_head_bytes,
+        max_headers: ctx.settings.max_headers,
+        idle_timeout: ctx.settings.idle_timeout,
+        ..h2::H2Settings::default()
+    };
+    let close = ctx.close.clone();
+    if let Err(err) = h2::serve_connection(stream, first, &settings, close, handler, refused).await
+    {
         tracing::debug!(error = %err, "h2 connection ended with an error");
-    }
-    // Streams the connection no longer waits for (it failed, or the client
-    // went away) end on their own: their sends fail.
-    while running.next().await.is_some() {}
-}
-
-/// The executor hyper's HTTP/2 server hands each new stream to: it queues
-/// the stream for the connection's task to run.
-#[derive(Clone, Default)]
-struct StreamQueue(Arc<std::sync::Mutex<Vec<BoxedStream>>>);
-
-type BoxedStream = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-impl StreamQueue {
-    fn take(&self) -> Vec<BoxedStream> {
-        match self.0.lock() {
-            Ok(mut queued) if !queued.is_empty() => std::mem::take(&mut *queued),
-            _ => Vec::new(),
-        }
-    }
-}
-
-impl<F> hyper::rt::Executor<F> for StreamQueue
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, stream: F) {
-        if let Ok(mut queued) = self.0.lock() {
-            queued.push(Box::pin(stream));
-        }
     }
 }
 

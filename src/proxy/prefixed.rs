@@ -1,6 +1,5 @@
 //! A stream whose first bytes were already read off it, so they are read
-//! again first: the bytes the h2c sniff read before the HTTP/2 server
-//! starts, or those a backend sent right after its `101` before the
+//! again first: those a backend sent right after its `101` before the
 //! upgraded stream is handed over.
 
 use std::io::{self, IoSlice};

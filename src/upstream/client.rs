@@ -346,16 +346,15 @@ impl UpstreamClient {
     /// not borrow the client; it borrows the head, which stays with the
     /// caller for a retry.
     ///
-    /// With `encode_fields` (an HTTP/1.1 client), a response from the
-    /// HTTP/1.1 client carries its fields in wire form in its body (see
-    /// [`crate::proxy::h1::ResponseFields`]) and an empty `HeaderMap`.
+    /// A response from the HTTP/1.1 client carries its fields in wire form
+    /// in its body (see [`crate::proxy::h1::ResponseFields`]) and an empty
+    /// `HeaderMap`: both client codecs write them from there.
     pub fn send<'a>(
         &self,
         addr: SocketAddr,
         authority: &Authority,
         parts: &'a Parts,
         body: RequestBody,
-        encode_fields: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
         enum Call<F> {
             H1(H1Client, RequestBody),
@@ -372,7 +371,7 @@ impl UpstreamClient {
         async move {
             match call {
                 Call::H1(client, body) => {
-                    let response = client.send(parts, body, encode_fields).await?;
+                    let response = client.send(parts, body).await?;
                     Ok(response.map(|b| b.map_or(UpstreamBody::Empty, UpstreamBody::H1)))
                 }
                 Call::Hyper(sending) => {

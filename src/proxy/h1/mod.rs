@@ -5,7 +5,8 @@
 //! own 400/431 replies; here an idle connection holds no heap buffer, every
 //! refusal is a generated response with a `sluice-error` header, and the
 //! request-smuggling rules of SPEC section 3 are applied before the handler
-//! runs. HTTP/2 downstream and the upstream client stay on hyper.
+//! runs. HTTP/2 downstream has its own codec (`proxy::h2`); hyper remains
+//! the upstream client for HTTP/2 backends.
 //!
 //! * `parse.rs`: request heads (httparse) and the framing rules.
 //! * `body.rs`: [`RequestBody`] and the Content-Length / chunked decoder.

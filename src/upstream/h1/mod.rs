@@ -91,14 +91,13 @@ impl H1Client {
     }
 
     /// Sends the request and returns the response head with a streaming
-    /// body; for `101` no body but an [`UpgradeIo`] extension. With
-    /// `encode_fields` (the client speaks HTTP/1.1 too), the response's
-    /// fields travel in wire form with the body instead of in a `HeaderMap`.
+    /// body; for `101` no body but an [`UpgradeIo`] extension. The
+    /// response's fields travel in wire form with the body instead of in a
+    /// `HeaderMap` (1xx heads excepted).
     pub async fn send(
         self,
         parts: &Parts,
         body: RequestBody,
-        encode_fields: bool,
     ) -> Result<Response<Option<ResponseBody>>, ProxyError> {
         let inner = &*self.inner;
         let addr = inner.addr;
@@ -125,11 +124,7 @@ impl H1Client {
                     .map_err(|e| e.to_proxy_error(addr))?,
             };
             let mut rbuf = BytesMut::new();
-            let how = Parse {
-                method: &parts.method,
-                encode: encode_fields,
-            };
-            match exchange(&mut io, &wbuf, &mut upload, &mut rbuf, addr, how).await {
+            match exchange(&mut io, &wbuf, &mut upload, &mut rbuf, addr, &parts.method).await {
                 Ok(head) => break (io, rbuf, head),
                 Err(failed) => {
                     buffers::give(rbuf);
@@ -173,13 +168,6 @@ impl H1Client {
     }
 }
 
-/// How to read the response head.
-#[derive(Clone, Copy)]
-struct Parse<'a> {
-    method: &'a Method,
-    encode: bool,
-}
-
 fn bad_response(addr: SocketAddr, e: HeadError) -> ProxyError {
     ProxyError::BadResponse {
         addr,
@@ -188,14 +176,15 @@ fn bad_response(addr: SocketAddr, e: HeadError) -> ProxyError {
 }
 
 /// Writes the request head (and the body, as it comes) and reads until a
-/// final response head has arrived. 1xx interim responses are skipped.
+/// final response head has arrived (to a `method` request). 1xx interim
+/// responses are skipped.
 async fn exchange(
     io: &mut BackendStream,
     wbuf: &[u8],
     upload: &mut Option<Box<Upload>>,
     rbuf: &mut BytesMut,
     addr: SocketAddr,
-    how: Parse<'_>,
+    method: &Method,
 ) -> Result<ResponseHead, Failed> {
     let mut written = 0;
     let mut flushed = false;
@@ -250,7 +239,7 @@ async fn exchange(
         }
         loop {
             if !rbuf.is_empty() {
-                match head::parse_response(rbuf, how.method, how.encode) {
+                match head::parse_response(rbuf, method, true) {
                     Err(e) => {
                         return Poll::Ready(Err(Failed {
                             error: bad_response(addr, e),
