@@ -226,8 +226,6 @@ struct Conn<T, B> {
     /// The block being assembled from CONTINUATION frames.
     block: BytesMut,
     continuing: Option<Continuing>,
-    /// Scratch space for encoding response heads.
-    encoded: BytesMut,
     streams: Vec<Stream<B>>,
     shared: Arc<ConnShared>,
     /// Requests decoded and not yet handed to a handler.
@@ -292,7 +290,6 @@ where
             fields: Fields::new(settings.max_header_list, settings.max_headers),
             block: BytesMut::new(),
             continuing: None,
-            encoded: BytesMut::new(),
             streams: Vec::new(),
             shared: Arc::new(ConnShared::default()),
             started: Vec::new(),
@@ -911,20 +908,19 @@ where
 
     /// Answers a request Sluice refuses itself (no body).
     fn answer_locally(&mut self, id: u32, status: u16, reason: &'static str, end_stream: bool) {
-        let mut block = std::mem::take(&mut self.encoded);
-        block.clear();
-        hpack::encode_status(&mut block, status);
-        hpack::encode_field(&mut block, b"sluice-error", reason.as_bytes());
+        let block = &mut self.wbuf;
+        let at = frame::start_headers(block);
+        hpack::encode_status(block, status);
+        hpack::encode_field(block, b"sluice-error", reason.as_bytes());
         if status == 405 {
             hpack::encode_field(
-                &mut block,
+                block,
                 b"allow",
                 b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS",
             );
         }
-        hpack::encode_field(&mut block, b"content-length", b"0");
-        frame::put_headers(&mut self.wbuf, id, &block, true, self.peer_max_frame);
-        self.encoded = block;
+        hpack::encode_field(block, b"content-length", b"0");
+        frame::finish_headers(block, at, id, true, self.peer_max_frame);
         if !end_stream {
             // Nothing more of the request is wanted.
             frame::put_rst(&mut self.wbuf, id, Reason::NO_ERROR);
@@ -974,30 +970,29 @@ where
             self.reset(id, Reason::INTERNAL_ERROR);
             return;
         }
-        let mut block = std::mem::take(&mut self.encoded);
-        block.clear();
-        hpack::encode_status(&mut block, parts.status.as_u16());
+        let block = &mut self.wbuf;
+        let at = frame::start_headers(block);
+        hpack::encode_status(block, parts.status.as_u16());
         if let Some(fields) = body.take_encoded_fields() {
             for line in fields.lines.split(|&b| b == b'\n') {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if let Some(colon) = line.iter().position(|&b| b == b':') {
                     let value = &line[colon + 1..];
                     let value = value.strip_prefix(b" ").unwrap_or(value);
-                    hpack::encode_field(&mut block, &line[..colon], value);
+                    hpack::encode_field(block, &line[..colon], value);
                 }
             }
             if let Some(n) = fields.content_length {
                 hpack::encode_field(
-                    &mut block,
+                    block,
                     b"content-length",
                     itoa::Buffer::new().format(n).as_bytes(),
                 );
             }
         }
-        encode_map(&mut block, &parts.headers);
+        encode_map(block, &parts.headers);
         let end = body.is_end_stream();
-        frame::put_headers(&mut self.wbuf, id, &block, end, self.peer_max_frame);
-        self.encoded = block;
+        frame::finish_headers(block, at, id, end, self.peer_max_frame);
         self.answered += 1;
         let stream = &mut self.streams[i];
         if end {
@@ -1076,11 +1071,9 @@ where
                     Ok(data) => *pending = Some(data),
                     Err(frame) => {
                         let trailers = frame.into_trailers().unwrap_or_default();
-                        let mut block = std::mem::take(&mut self.encoded);
-                        block.clear();
-                        encode_map(&mut block, &trailers);
-                        frame::put_headers(&mut self.wbuf, stream.id, &block, true, max_frame);
-                        self.encoded = block;
+                        let at = frame::start_headers(&mut self.wbuf);
+                        encode_map(&mut self.wbuf, &trailers);
+                        frame::finish_headers(&mut self.wbuf, at, stream.id, true, max_frame);
                         stream.send = Send::Done;
                         return (true, Some(None));
                     }
@@ -1178,7 +1171,6 @@ where
         }
         buffers::give(std::mem::take(&mut self.wbuf));
         self.fields.release();
-        self.encoded = BytesMut::new();
         self.block = BytesMut::new();
     }
 

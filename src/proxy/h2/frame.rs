@@ -93,11 +93,13 @@ impl Head {
 /// Appends a frame header. `len` must fit 24 bits (frames we write are
 /// at most the peer's SETTINGS_MAX_FRAME_SIZE, itself below 2^24).
 pub fn put_head(buf: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
-    let len = len.min(0xff_ffff) as u32;
-    buf.put_slice(&len.to_be_bytes()[1..]);
-    buf.put_u8(kind);
-    buf.put_u8(flags);
-    buf.put_u32(stream & 0x7fff_ffff);
+    buf.put_slice(&head(len, kind, flags, stream));
+}
+
+fn head(len: usize, kind: u8, flags: u8, stream: u32) -> [u8; HEAD_LEN] {
+    let [_, l0, l1, l2] = (len.min(0xff_ffff) as u32).to_be_bytes();
+    let [s0, s1, s2, s3] = (stream & 0x7fff_ffff).to_be_bytes();
+    [l0, l1, l2, kind, flags, s0, s1, s2, s3]
 }
 
 /// Appends a SETTINGS frame with `(identifier, value)` pairs.
@@ -132,6 +134,35 @@ pub fn put_goaway(buf: &mut BytesMut, last_stream: u32, reason: Reason) {
     put_head(buf, 8, kind::GOAWAY, 0, 0);
     buf.put_u32(last_stream & 0x7fff_ffff);
     buf.put_u32(reason.0);
+}
+
+/// Reserves room for a HEADERS frame header; the caller appends the header
+/// block, then calls [`finish_headers`] with what this returned. The block
+/// is encoded straight into the output, not copied there.
+pub fn start_headers(buf: &mut BytesMut) -> usize {
+    let at = buf.len();
+    buf.put_slice(&[0; HEAD_LEN]);
+    at
+}
+
+/// Completes the HEADERS frame begun at `at`: its header, or, for a block
+/// larger than `max_frame`, HEADERS and CONTINUATION frames.
+pub fn finish_headers(
+    buf: &mut BytesMut,
+    at: usize,
+    stream: u32,
+    end_stream: bool,
+    max_frame: usize,
+) {
+    let len = buf.len() - at - HEAD_LEN;
+    if len > max_frame {
+        let block = buf.split_off(at + HEAD_LEN);
+        buf.truncate(at);
+        put_headers(buf, stream, &block, end_stream, max_frame);
+        return;
+    }
+    let flags = flag::END_HEADERS | if end_stream { flag::END_STREAM } else { 0 };
+    buf[at..at + HEAD_LEN].copy_from_slice(&head(len, kind::HEADERS, flags, stream));
 }
 
 /// Appends a header block as HEADERS and, when it is larger than
@@ -190,6 +221,28 @@ mod tests {
                 stream: 7,
             }
         );
+    }
+
+    #[test]
+    fn a_block_encoded_in_place_gets_its_frame_header() {
+        let mut buf = BytesMut::from(&b"before"[..]);
+        let at = start_headers(&mut buf);
+        buf.put_slice(&[1, 2, 3]);
+        finish_headers(&mut buf, at, 5, true, 16);
+        let head = Head::parse(buf[6..6 + HEAD_LEN].try_into().expect("head"));
+        assert_eq!(
+            (head.kind, head.flags, head.len, head.stream),
+            (kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 3, 5)
+        );
+        assert_eq!(&buf[6 + HEAD_LEN..], &[1, 2, 3]);
+
+        let mut buf = BytesMut::new();
+        let at = start_headers(&mut buf);
+        buf.put_slice(&[9; 20]);
+        finish_headers(&mut buf, at, 5, false, 16);
+        let mut expected = BytesMut::new();
+        put_headers(&mut expected, 5, &[9; 20], false, 16);
+        assert_eq!(buf, expected);
     }
 
     #[test]

@@ -72,8 +72,10 @@ impl Fields {
         self.trailers = trailers;
         self.refusal = None;
         self.values.clear();
-        if self.values.capacity() < 1024 {
-            self.values.reserve(4096);
+        // Shared by the heads of the requests it serves (each takes its
+        // part): one allocation for several requests.
+        if self.values.capacity() < 256 {
+            self.values.reserve(2048);
         }
     }
 

@@ -476,24 +476,112 @@ pub fn encode_field(buf: &mut bytes::BytesMut, name: &[u8], value: &[u8]) {
 /// Writes a literal without indexing: name index `name_index`, or when it is
 /// 0 the literal `name` lower-cased, then the raw `value`.
 fn encode_literal(buf: &mut BytesMut, name_index: usize, name: &[u8], value: &[u8]) {
-    // Two length prefixes of at most 5 bytes each, plus the first byte.
-    buf.reserve(name.len().saturating_add(value.len()).saturating_add(11));
-    encode_int(buf, 0x00, 4, name_index);
-    if name_index == 0 {
-        encode_int(buf, 0x00, 7, name.len());
-        buf.extend(name.iter().map(u8::to_ascii_lowercase));
+    // Two integers of at most 11 bytes each.
+    buf.reserve(name.len().saturating_add(value.len()).saturating_add(21));
+    if name_index != 0 {
+        // The common case, in one copy: name index and value length
+        // assembled on the stack.
+        let mut head = [0u8; 20];
+        let n = int_bytes(&mut head, 0x00, 4, name_index);
+        let m = int_bytes(&mut head[n..], 0x00, 7, value.len());
+        buf.extend_from_slice(&head[..n + m]);
+        buf.extend_from_slice(value);
+        return;
     }
+    encode_int(buf, 0x00, 4, 0);
+    encode_int(buf, 0x00, 7, name.len());
+    buf.extend(name.iter().map(u8::to_ascii_lowercase));
     encode_int(buf, 0x00, 7, value.len());
     buf.extend_from_slice(value);
 }
 
-/// The first static table index whose name is `name`, ignoring ASCII case.
-fn static_name_index(name: &[u8]) -> Option<usize> {
-    STATIC_TABLE
-        .iter()
-        .position(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|i| i + 1)
+/// Writes `value` as an HPACK integer into `out` (at least 11 bytes, enough
+/// for any `usize`); returns the bytes written.
+fn int_bytes(out: &mut [u8], pattern: u8, prefix_bits: u32, value: usize) -> usize {
+    let max_prefix = (1u8 << prefix_bits) - 1;
+    let Some(mut rest) = value.checked_sub(usize::from(max_prefix)) else {
+        out[0] = pattern | value as u8;
+        return 1;
+    };
+    out[0] = pattern | max_prefix;
+    let mut n = 1;
+    while rest >= 0x80 {
+        out[n] = 0x80 | (rest & 0x7f) as u8;
+        rest >>= 7;
+        n += 1;
+    }
+    out[n] = rest as u8;
+    n + 1
 }
+
+/// The first static table index whose name is `name`, ignoring ASCII case:
+/// the name lower-cased on the stack, then one `match` (a length switch and
+/// a compare), not a scan of the table per field.
+fn static_name_index(name: &[u8]) -> Option<usize> {
+    let mut buf = [0u8; LONGEST_STATIC_NAME];
+    let lower = buf.get_mut(..name.len())?;
+    for (l, b) in lower.iter_mut().zip(name) {
+        *l = b.to_ascii_lowercase();
+    }
+    Some(match &*lower {
+        b":authority" => 1,
+        b":method" => 2,
+        b":path" => 4,
+        b":scheme" => 6,
+        b":status" => 8,
+        b"accept-charset" => 15,
+        b"accept-encoding" => 16,
+        b"accept-language" => 17,
+        b"accept-ranges" => 18,
+        b"accept" => 19,
+        b"access-control-allow-origin" => 20,
+        b"age" => 21,
+        b"allow" => 22,
+        b"authorization" => 23,
+        b"cache-control" => 24,
+        b"content-disposition" => 25,
+        b"content-encoding" => 26,
+        b"content-language" => 27,
+        b"content-length" => 28,
+        b"content-location" => 29,
+        b"content-range" => 30,
+        b"content-type" => 31,
+        b"cookie" => 32,
+        b"date" => 33,
+        b"etag" => 34,
+        b"expect" => 35,
+        b"expires" => 36,
+        b"from" => 37,
+        b"host" => 38,
+        b"if-match" => 39,
+        b"if-modified-since" => 40,
+        b"if-none-match" => 41,
+        b"if-range" => 42,
+        b"if-unmodified-since" => 43,
+        b"last-modified" => 44,
+        b"link" => 45,
+        b"location" => 46,
+        b"max-forwards" => 47,
+        b"proxy-authenticate" => 48,
+        b"proxy-authorization" => 49,
+        b"range" => 50,
+        b"referer" => 51,
+        b"refresh" => 52,
+        b"retry-after" => 53,
+        b"server" => 54,
+        b"set-cookie" => 55,
+        b"strict-transport-security" => 56,
+        b"transfer-encoding" => 57,
+        b"user-agent" => 58,
+        b"vary" => 59,
+        b"via" => 60,
+        b"www-authenticate" => 61,
+        _ => return None,
+    })
+}
+
+/// The longest name in the static table.
+const LONGEST_STATIC_NAME: usize = 27;
 
 /// Writes `value` as an HPACK integer with a `prefix_bits`-bit prefix (4 to
 /// 7) under the representation's pattern bits `pattern` (RFC 7541 5.1).
@@ -1030,6 +1118,19 @@ mod tests {
             encode(|b| encode_field(b, b"x-trace", b"1")),
             b"\x00\x07x-trace\x011"
         );
+    }
+
+    #[test]
+    fn static_name_lookup_agrees_with_the_table() {
+        for (i, (name, _)) in STATIC_TABLE.iter().enumerate() {
+            let first = STATIC_TABLE.iter().position(|(n, _)| n == name).unwrap() + 1;
+            assert_eq!(static_name_index(name), Some(first), "{:?}", name);
+            let upper = name.to_ascii_uppercase();
+            assert_eq!(static_name_index(&upper), Some(first), "index {}", i + 1);
+        }
+        assert_eq!(static_name_index(b"x-custom"), None);
+        assert_eq!(static_name_index(&[b'a'; 100]), None);
+        assert_eq!(static_name_index(b""), None);
     }
 
     #[test]
