@@ -8,15 +8,22 @@
 //! [`DEBOUNCE`] without another one the file is read, and reloaded only if
 //! its text differs from the running config's (and from the last text
 //! tried), so one change gives exactly one reload.
+//!
+//! The directory is watched with inotify for files written and closed,
+//! renamed in and created ([`WATCHED`]), not for every write: a busy file
+//! beside the config (a log written line by line) would otherwise cost its
+//! writer an event per `write(2)` and Sluice a wake-up to read it. A file
+//! edited in place counts when it is closed.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
-use notify::{Event, EventKind, RecursiveMode, Watcher};
-use tokio::sync::Notify;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent};
+use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use super::Control;
@@ -27,12 +34,26 @@ pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// The name a Kubernetes ConfigMap volume swaps to publish new contents.
 const CONFIGMAP_DATA: &str = "..data";
 
+/// What a change to the config file can look like in its directory.
+const WATCHED: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_CREATE);
+
+/// An inotify instance the reactor can wait on.
+struct Watch(Inotify);
+
+impl AsRawFd for Watch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
 /// Starts watching `path` until `stop` is cancelled.
 pub(super) fn spawn(
     control: &Arc<Control>,
     path: &Path,
     stop: CancellationToken,
-) -> Result<(), notify::Error> {
+) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -40,38 +61,41 @@ pub(super) fn spawn(
     let name = path
         .file_name()
         .map(OsString::from)
-        .ok_or_else(|| notify::Error::generic("the config path names no file"))?;
-    let changed = Arc::new(Notify::new());
-    let mut watcher = {
-        let changed = Arc::clone(&changed);
-        notify::recommended_watcher(move |event: notify::Result<Event>| match event {
-            Ok(event) if is_relevant(&event, &name) => changed.notify_one(),
-            Ok(_) => {}
-            Err(err) => tracing::warn!(error = %err, "config file watch failed"),
-        })?
-    };
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        .ok_or_else(|| io::Error::other("the config path names no file"))?;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    inotify.add_watch(&dir, WATCHED)?;
+    // `AsyncFd::new` is deprecated for lack of I/O safety; `Watch` owns its
+    // descriptor for the whole registration (as `proxy::park` argues), and
+    // the safe crate cannot call the `unsafe` replacement.
+    #[allow(deprecated)]
+    let watch = AsyncFd::new(Watch(inotify))?;
     tracing::info!(path = %path.display(), "watching the config file for changes");
     let control = Arc::downgrade(control);
-    tokio::spawn(async move {
-        // The watch lasts as long as this task.
-        let _watcher = watcher;
-        run(control, changed, stop).await;
-    });
+    tokio::spawn(run(control, watch, name, stop));
     Ok(())
 }
 
-async fn run(control: Weak<Control>, changed: Arc<Notify>, stop: CancellationToken) {
+async fn run(
+    control: Weak<Control>,
+    watch: AsyncFd<Watch>,
+    name: OsString,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = changed.notified() => {}
+            changed = next_change(&watch, &name) => {
+                if let Err(err) = changed {
+                    tracing::warn!(error = %err, "config file watch failed; SIGHUP still reloads it");
+                    return;
+                }
+            }
         }
         // Wait for the burst of events of one change to end.
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = changed.notified() => continue,
+                _ = next_change(&watch, &name) => continue,
                 _ = tokio::time::sleep(DEBOUNCE) => break,
             }
         }
@@ -84,71 +108,90 @@ async fn run(control: Weak<Control>, changed: Arc<Notify>, stop: CancellationTok
     }
 }
 
-/// Whether `event` may have changed the file called `name`: any change to
-/// that name or to a ConfigMap's `..data`, but not mere reads (Sluice's own
-/// among them).
-fn is_relevant(event: &Event, name: &OsString) -> bool {
-    let kind = match event.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        _ => true,
-    };
-    kind && event.paths.iter().any(|p| {
-        p.file_name()
-            .is_some_and(|n| n == name.as_os_str() || n == CONFIGMAP_DATA)
-    })
+/// Waits for an event that may have changed the file called `name`.
+async fn next_change(watch: &AsyncFd<Watch>, name: &OsStr) -> io::Result<()> {
+    loop {
+        let mut ready = watch.readable().await?;
+        match ready.try_io(|w| w.get_ref().0.read_events().map_err(io::Error::from)) {
+            Ok(Ok(events)) => {
+                if events.iter().any(|e| is_relevant(e, name)) {
+                    return Ok(());
+                }
+            }
+            Ok(Err(err)) => return Err(err),
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// Whether `event` may have changed the file called `name`: one on that
+/// name or on a ConfigMap's `..data`, or a lost-events overflow.
+fn is_relevant(event: &InotifyEvent, name: &OsStr) -> bool {
+    event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
+        || event
+            .name
+            .as_deref()
+            .is_some_and(|n| n == name || n == CONFIGMAP_DATA)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, ModifyKind, RenameMode};
+    use std::io::Write as _;
 
-    fn event(kind: EventKind, path: &str) -> Event {
-        Event::new(kind).add_path(PathBuf::from(path))
+    fn drain(inotify: &Inotify) -> Vec<InotifyEvent> {
+        let mut all = Vec::new();
+        while let Ok(events) = inotify.read_events() {
+            all.extend(events);
+        }
+        all
     }
 
+    /// The watch sees a file written in place, renamed over, and a
+    /// ConfigMap's `..data` swap, but no event per write of a busy file
+    /// beside it until that file is closed.
     #[test]
-    fn changes_to_the_file_or_to_configmap_data_count_and_reads_do_not() {
-        let name = OsString::from("sluice.toml");
-        let relevant = [
-            event(
-                EventKind::Modify(ModifyKind::Any),
-                "/etc/sluice/sluice.toml",
-            ),
-            event(
-                EventKind::Create(CreateKind::File),
-                "/etc/sluice/sluice.toml",
-            ),
-            event(
-                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
-                "/etc/sluice/..data",
-            ),
-            event(
-                EventKind::Access(AccessKind::Close(AccessMode::Write)),
-                "/etc/sluice/sluice.toml",
-            ),
-        ];
-        for e in &relevant {
-            assert!(is_relevant(e, &name), "{e:?}");
+    fn changes_count_and_writes_to_other_files_make_no_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = OsStr::new("sluice.toml");
+        let config = dir.path().join(name);
+        std::fs::write(&config, "a").unwrap();
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+        inotify.add_watch(dir.path(), WATCHED).unwrap();
+
+        let mut log = std::fs::File::create(dir.path().join("requests.log")).unwrap();
+        drain(&inotify);
+        for _ in 0..100 {
+            log.write_all(b"a line\n").unwrap();
         }
-        let ignored = [
-            event(
-                EventKind::Access(AccessKind::Close(AccessMode::Read)),
-                "/etc/sluice/sluice.toml",
-            ),
-            event(
-                EventKind::Access(AccessKind::Any),
-                "/etc/sluice/sluice.toml",
-            ),
-            event(EventKind::Modify(ModifyKind::Any), "/etc/sluice/other.toml"),
-            event(
-                EventKind::Create(CreateKind::Folder),
-                "/etc/sluice/..2026_01_01_00_00_00.1",
-            ),
-        ];
-        for e in &ignored {
-            assert!(!is_relevant(e, &name), "{e:?}");
-        }
+        assert!(drain(&inotify).is_empty(), "writes made events");
+        drop(log);
+        let closed = drain(&inotify);
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert!(!is_relevant(&closed[0], name));
+
+        std::fs::write(&config, "b").unwrap();
+        assert!(
+            drain(&inotify).iter().any(|e| is_relevant(e, name)),
+            "edit in place"
+        );
+
+        let new = dir.path().join("sluice.toml.new");
+        std::fs::write(&new, "c").unwrap();
+        drain(&inotify);
+        std::fs::rename(&new, &config).unwrap();
+        assert!(
+            drain(&inotify).iter().any(|e| is_relevant(e, name)),
+            "rename over"
+        );
+
+        let link = dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink("..2026_01_01", &link).unwrap();
+        drain(&inotify);
+        std::fs::rename(&link, dir.path().join(CONFIGMAP_DATA)).unwrap();
+        assert!(
+            drain(&inotify).iter().any(|e| is_relevant(e, name)),
+            "..data swap"
+        );
     }
 }
