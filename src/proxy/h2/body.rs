@@ -40,6 +40,15 @@ pub(super) struct StreamShared {
     recv: Mutex<Recv>,
 }
 
+/// Wakes the body's reader, after letting go of the lock.
+fn wake_reader(mut recv: MutexGuard<'_, Recv>) {
+    let reader = recv.reader.take();
+    drop(recv);
+    if let Some(w) = reader {
+        w.wake();
+    }
+}
+
 #[derive(Default)]
 struct Recv {
     chunks: VecDeque<Bytes>,
@@ -54,6 +63,17 @@ struct Recv {
     /// Bytes left to read per the request's Content-Length.
     remaining: Option<u64>,
     reader: Option<Waker>,
+}
+
+impl Recv {
+    /// Drops what is buffered, counting it as released, and releases what
+    /// arrives from now on at once.
+    fn discard(&mut self) {
+        let buffered: usize = self.chunks.iter().map(Bytes::len).sum();
+        self.chunks.clear();
+        self.released += buffered;
+        self.dropped = true;
+    }
 }
 
 impl StreamShared {
@@ -99,11 +119,7 @@ impl StreamShared {
         if !data.is_empty() {
             recv.chunks.push_back(data);
         }
-        let reader = recv.reader.take();
-        drop(recv);
-        if let Some(w) = reader {
-            w.wake();
-        }
+        wake_reader(recv);
     }
 
     /// The client ended the body, with `trailers` if it sent some.
@@ -111,11 +127,7 @@ impl StreamShared {
         let mut recv = self.recv();
         recv.ended = true;
         recv.trailers = trailers;
-        let reader = recv.reader.take();
-        drop(recv);
-        if let Some(w) = reader {
-            w.wake();
-        }
+        wake_reader(recv);
     }
 
     /// The body cannot complete (reset, broken framing, connection gone).
@@ -125,11 +137,7 @@ impl StreamShared {
             return;
         }
         recv.error.get_or_insert(why);
-        let reader = recv.reader.take();
-        drop(recv);
-        if let Some(w) = reader {
-            w.wake();
-        }
+        wake_reader(recv);
     }
 
     /// Takes the bytes released since the last call, counting what is
@@ -137,10 +145,7 @@ impl StreamShared {
     pub fn take_released(&self, discard: bool) -> usize {
         let mut recv = self.recv();
         if discard {
-            let buffered: usize = recv.chunks.iter().map(Bytes::len).sum();
-            recv.chunks.clear();
-            recv.released += buffered;
-            recv.dropped = true;
+            recv.discard();
         }
         std::mem::take(&mut recv.released)
     }
@@ -232,10 +237,7 @@ impl Drop for RequestBody {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
             let mut recv = shared.recv();
-            let buffered: usize = recv.chunks.iter().map(Bytes::len).sum();
-            recv.chunks.clear();
-            recv.released += buffered;
-            recv.dropped = true;
+            recv.discard();
             recv.reader = None;
             drop(recv);
             shared.conn.released.store(true, Ordering::Release);
