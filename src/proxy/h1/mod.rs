@@ -57,7 +57,7 @@ pub use body::{BodyError, RequestBody};
 /// upstream client.
 pub(crate) mod chunked {
     pub(crate) use super::body::{clamp, find, frame, parse_trailers, Chunk};
-    pub(crate) use super::parse::trim_ows;
+    pub(crate) use super::parse::{decimal, trim_ows};
     pub(crate) use super::write::put_chunk_size;
 }
 

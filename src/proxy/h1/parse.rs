@@ -418,15 +418,25 @@ fn parse_content_length(value: &[u8]) -> Result<u64, Reject> {
     if value.is_empty() {
         return Err(Reject::bad_request("empty content-length"));
     }
+    if !value.iter().all(u8::is_ascii_digit) {
+        return Err(Reject::bad_request(
+            "content-length is not a decimal number",
+        ));
+    }
+    decimal(value).ok_or(Reject::bad_request("content-length overflows"))
+}
+
+/// A Content-Length value: 1*DIGIT that fits a `u64`, else `None` (the
+/// HTTP/2 codec reads its `content-length` fields with it too).
+pub(crate) fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
     value.iter().try_fold(0u64, |n, &b| {
         if !b.is_ascii_digit() {
-            return Err(Reject::bad_request(
-                "content-length is not a decimal number",
-            ));
+            return None;
         }
-        n.checked_mul(10)
-            .and_then(|n| n.checked_add(u64::from(b - b'0')))
-            .ok_or(Reject::bad_request("content-length overflows"))
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
     })
 }
 

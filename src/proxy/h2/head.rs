@@ -14,6 +14,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri, Version};
 
+use crate::proxy::h1::chunked;
+
 /// Why a header block cannot become a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Refusal {
@@ -182,7 +184,7 @@ impl Fields {
             let value = HeaderValue::from_maybe_shared(values.slice(range.clone()))
                 .map_err(|_| Refusal::Malformed("invalid field value"))?;
             if name == header::CONTENT_LENGTH {
-                let n = parse_length(value.as_bytes())
+                let n = chunked::decimal(value.as_bytes())
                     .ok_or(Refusal::Malformed("invalid content-length"))?;
                 if length.is_some_and(|m| m != n) {
                     return Err(Refusal::Malformed("conflicting content-length"));
@@ -232,21 +234,12 @@ impl Fields {
 }
 
 /// Fields HTTP/2 forbids (RFC 9113 section 8.2.2).
-fn is_connection_specific(name: &HeaderName) -> bool {
+pub(super) fn is_connection_specific(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection"
-}
-
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    value.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
 }
 
 /// Joins the cookie crumbs HTTP/2 sends as separate fields into the one
