@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::{ConnShared, RequestBody, StreamShared};
 use super::frame::{self, flag, kind, Head, Reason, DEFAULT_MAX_FRAME, HEAD_LEN, MAX_WINDOW};
-use super::head::{Fields, Refusal};
+use super::head::{self, Fields, Refusal};
 use super::hpack;
 use super::{Error, H2Settings, RESET_ALLOWANCE, WRITE_HIGH};
 use crate::proxy::buffers;
@@ -409,13 +409,8 @@ where
         if !self.preface_seen {
             return frame::PREFACE.len();
         }
-        match self.rbuf.get(..HEAD_LEN) {
-            Some(head) => {
-                let len = (usize::from(head[0]) << 16)
-                    | (usize::from(head[1]) << 8)
-                    | usize::from(head[2]);
-                HEAD_LEN + len.min(DEFAULT_MAX_FRAME)
-            }
+        match self.rbuf.get(..HEAD_LEN).and_then(|h| h.try_into().ok()) {
+            Some(head) => HEAD_LEN + Head::parse(head).len.min(DEFAULT_MAX_FRAME),
             None => HEAD_LEN,
         }
     }
@@ -938,9 +933,15 @@ where
     /// Forgets stream `i`: its handler stops, its body fails, and what it
     /// had buffered is released to the connection window.
     fn remove(&mut self, i: usize, why: &'static str) {
+        self.forget(i).shared.cancel(why);
+    }
+
+    /// Takes stream `i` out of the table, returning what it held of the
+    /// connection window.
+    fn forget(&mut self, i: usize) -> Stream<B> {
         let stream = self.streams.swap_remove(i);
-        stream.shared.cancel(why);
         self.recv_unacked += stream.recv_unacked + stream.shared.take_released(true);
+        stream
     }
 
     /// Forgets stream `i` if both directions are done; a response that
@@ -953,11 +954,10 @@ where
         if stream.recv_open {
             frame::put_rst(&mut self.wbuf, stream.id, Reason::NO_ERROR);
         }
-        let stream = self.streams.swap_remove(i);
+        let stream = self.forget(i);
         if stream.recv_open {
             stream.shared.fail("response sent before the request ended");
         }
-        self.recv_unacked += stream.recv_unacked + stream.shared.take_released(true);
     }
 
     /// Writes the head of a finished handler's response.
@@ -1183,15 +1183,7 @@ where
 /// Encodes a `HeaderMap`'s fields, less those HTTP/2 forbids.
 fn encode_map(block: &mut BytesMut, headers: &HeaderMap) {
     for (name, value) in headers {
-        if matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "transfer-encoding"
-                | "upgrade"
-                | "te"
-        ) {
+        if head::is_connection_specific(name) || name == http::header::TE {
             continue;
         }
         hpack::encode_field(block, name.as_str().as_bytes(), value.as_bytes());
