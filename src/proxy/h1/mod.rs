@@ -40,16 +40,17 @@ mod tests;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 pub use body::{BodyError, RequestBody};
 
@@ -372,9 +373,8 @@ async fn close(mut io: Box<dyn Transport>, linger: bool) {
     .await;
 }
 
-/// What ended the wait for a request.
+/// How [`serve`] ended without an error.
 enum Arrival {
-    Data,
     Closed,
     /// Idle for this long: `park_after`.
     Park(Duration),
@@ -394,6 +394,10 @@ where
     B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
+    // One timer and one shutdown wait serve all the idle waits of the
+    // connection, so a keep-alive request registers neither anew.
+    let mut idle = pin!(tokio::time::sleep(settings.idle_timeout));
+    let mut stopping = pin!(shutdown.cancelled());
     loop {
         let has_leftover = {
             let mut c = lock(conn);
@@ -406,11 +410,19 @@ where
         };
         if !has_leftover {
             give_buf(std::mem::take(wbuf));
-            match wait_for_request(conn, settings, shutdown, park_after()).await {
-                Some(Ok(Arrival::Data)) => {}
-                Some(Ok(Arrival::Park(idle))) => return Ok(Arrival::Park(idle)),
-                Some(Ok(Arrival::Closed)) | None => return Ok(Arrival::Closed),
-                Some(Err(e)) => return Err(ServeError::Io(e)),
+            // `park_after` is below the idle timeout when set.
+            let park = park_after();
+            let limit = park.unwrap_or(settings.idle_timeout);
+            match wait_for_request(conn, stopping.as_mut(), idle.as_mut(), limit).await {
+                Wait::Data => {}
+                Wait::Elapsed => {
+                    return Ok(match park {
+                        Some(idle) => Arrival::Park(idle),
+                        None => Arrival::Closed,
+                    })
+                }
+                Wait::Closed | Wait::Stopped => return Ok(Arrival::Closed),
+                Wait::Failed(e) => return Err(ServeError::Io(e)),
             }
         }
 
@@ -517,14 +529,36 @@ where
     Ok(Step::KeepAlive)
 }
 
-/// Waits, holding no buffer, for the next request's first bytes. `None`:
-/// idle timeout, or shutdown with no byte waiting.
+/// How the wait for a request's first bytes ended.
+enum Wait {
+    Data,
+    /// The client closed.
+    Closed,
+    /// Nothing arrived within the limit.
+    Elapsed,
+    /// Shutdown, with no byte waiting.
+    Stopped,
+    Failed(io::Error),
+}
+
+/// Waits, holding no buffer, for the next request's first bytes, at most
+/// `limit`.
+///
+/// `idle` is the connection's one timer, re-armed lazily: while it is due
+/// no later than this wait's deadline it is left as it is, and when it
+/// fires early it is set to the real deadline. A keep-alive connection
+/// thus touches the runtime's timer wheel about once per `limit`, not
+/// once per request.
 async fn wait_for_request(
     conn: &Shared,
-    settings: &H1Settings,
-    shutdown: &CancellationToken,
-    park_after: Option<Duration>,
-) -> Option<io::Result<Arrival>> {
+    mut stopping: Pin<&mut WaitForCancellationFuture<'_>>,
+    mut idle: Pin<&mut Sleep>,
+    limit: Duration,
+) -> Wait {
+    let deadline = Instant::now() + limit;
+    if idle.deadline() > deadline {
+        idle.as_mut().reset(deadline);
+    }
     let arrival = async {
         loop {
             poll_fn(|cx| lock(conn).io()?.get_mut().poll_read_ready(cx)).await?;
@@ -543,22 +577,27 @@ async fn wait_for_request(
             .await;
             match read {
                 None => continue,
-                Some(Ok(0)) => return Ok(Arrival::Closed),
-                Some(Ok(_)) => return Ok(Arrival::Data),
+                Some(Ok(0)) => return Ok(Wait::Closed),
+                Some(Ok(_)) => return Ok(Wait::Data),
                 Some(Err(e)) => return Err(e),
             }
         }
     };
-    // `park_after` is below the idle timeout when set.
-    let idle = tokio::time::sleep(park_after.unwrap_or(settings.idle_timeout));
+    let elapsed = poll_fn(|cx| loop {
+        ready!(idle.as_mut().poll(cx));
+        if Instant::now() >= deadline {
+            return Poll::Ready(());
+        }
+        idle.as_mut().reset(deadline);
+    });
     // A request that has already arrived is served (and answered with
     // `connection: close`) rather than cut off by a shutdown: closing with
     // its bytes unread would reset the connection under the client.
     tokio::select! {
         biased;
-        r = arrival => Some(r),
-        () = shutdown.cancelled() => None,
-        () = idle => park_after.map(|p| Ok(Arrival::Park(p))),
+        r = arrival => r.unwrap_or_else(Wait::Failed),
+        () = stopping.as_mut() => Wait::Stopped,
+        () = elapsed => Wait::Elapsed,
     }
 }
 

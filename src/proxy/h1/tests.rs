@@ -607,6 +607,33 @@ async fn idle_timeout_closes_silently() {
     assert!(server.result().await.is_ok());
 }
 
+/// The idle timer is armed once and moved later only when it fires early:
+/// a connection idle past the deadline of an earlier wait, but not for
+/// the whole timeout since its last response, stays open.
+#[tokio::test]
+async fn idle_timeout_counts_from_the_last_response() {
+    let idle = Duration::from_millis(1000);
+    let pause = Duration::from_millis(700);
+    let mut server = serve(
+        H1Settings {
+            idle_timeout: idle,
+            ..settings()
+        },
+        hello,
+    )
+    .await;
+    let mut client = Client::connect(server.addr).await;
+    for _ in 0..3 {
+        client.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+        assert_eq!(client.response().await.status, 200);
+        // The second pause ends after the first wait's deadline.
+        tokio::time::sleep(pause).await;
+    }
+    assert_eq!(server.calls(), 3);
+    assert!(client.is_closed().await, "closed once idle for the timeout");
+    assert!(server.result().await.is_ok());
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn idle_connection_gives_its_buffers_back() {
     let server = serve(settings(), hello).await;
