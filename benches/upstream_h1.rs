@@ -7,7 +7,8 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{Method, Request};
+use http::{HeaderValue, Method, Request};
+use sluice::proxy::forwarded::Forwarded;
 use sluice::upstream::h1::head::{encode_request, parse_response};
 
 const NGINX_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n\
@@ -20,12 +21,14 @@ fn heads(c: &mut Criterion) {
     let (parts, ()) = Request::get("/128")
         .header("host", "127.0.0.1:18080")
         .header("user-agent", "wrk")
-        .header("x-forwarded-for", "127.0.0.1")
-        .header("x-forwarded-proto", "http")
-        .header("x-forwarded-host", "127.0.0.1:18080")
         .body(())
         .expect("request")
         .into_parts();
+    let forwarded = Forwarded {
+        for_: HeaderValue::from_static("127.0.0.1"),
+        proto: Some("http"),
+        replace_host: true,
+    };
     let mut buf = BytesMut::with_capacity(8192);
     group.bench_function("encode_request", |b| {
         b.iter(|| {
@@ -33,6 +36,7 @@ fn heads(c: &mut Criterion) {
             black_box(encode_request(
                 &mut buf,
                 black_box(&parts),
+                Some(&forwarded),
                 "127.0.0.1:18101",
                 true,
                 Some(0),

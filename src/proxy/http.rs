@@ -25,6 +25,7 @@ use crate::config::{BalancerKind, HashKey, LogFormat, UpstreamConfig, UpstreamPr
 use crate::proxy::access_log::{self, Entry};
 use crate::proxy::body::{Exchange, ProxyBody, RequestBody, RequestLog};
 use crate::proxy::error::ProxyError;
+use crate::proxy::forwarded::{Forwarded, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::proxy::h1;
 use crate::proxy::route::request_host;
 use crate::resilience::retry::{self, RetryOn};
@@ -112,9 +113,6 @@ fn ip_header(ip: IpAddr) -> HeaderValue {
 }
 
 const SLUICE_ERROR: HeaderName = HeaderName::from_static("sluice-error");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Proxies one request and returns the response to send to the client.
 pub async fn handle(
@@ -159,15 +157,16 @@ pub async fn handle(
 
     let key = request_hash(&upstream.config, &parts, conn.peer.ip());
     let upgrade = is_upgrade(&parts);
-    if let Err(err) = rewrite_request(
+    let forwarded = match rewrite_request(
         &mut parts,
         conn,
         listener,
         upstream.config.protocol,
         upgrade,
     ) {
-        return error_response(&err, Some(exchange));
-    }
+        Ok(forwarded) => forwarded,
+        Err(err) => return error_response(&err, Some(exchange)),
+    };
 
     // Only a request that can be sent again unchanged is retried: an
     // idempotent one with no body (a streamed body cannot be replayed).
@@ -214,9 +213,10 @@ pub async fn handle(
         let left = deadline.saturating_duration_since(now);
         let limit = timeouts.per_try.min(left);
         // The client guard is released before waiting.
-        let sending = backend
-            .client()
-            .send(backend.addr, &backend.authority, &parts, body);
+        let sending =
+            backend
+                .client()
+                .send(backend.addr, &backend.authority, &parts, &forwarded, body);
         let sent = tokio::time::timeout(limit, sending).await;
         let result = match sent {
             Ok(result) => result,
@@ -437,14 +437,15 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Turns the client's request head into the one the backend gets.
+/// Turns the client's request head into the one the backend gets, but for
+/// the X-Forwarded-* fields, which are returned.
 fn rewrite_request(
     parts: &mut Parts,
     conn: &ConnInfo,
     listener: &ListenerRuntime,
     protocol: UpstreamProtocol,
     upgrade: bool,
-) -> Result<(), ProxyError> {
+) -> Result<Forwarded, ProxyError> {
     // The client's host: the Host header, else the HTTP/2 authority.
     let authority = parts.uri.authority().cloned();
     if !parts.headers.contains_key(header::HOST) {
@@ -468,7 +469,7 @@ fn rewrite_request(
         .trusted_proxies
         .iter()
         .any(|c| c.contains(conn.peer.ip()));
-    let xff = match (trusted, joined(&parts.headers, &X_FORWARDED_FOR)) {
+    let for_ = match (trusted, joined(&parts.headers, &X_FORWARDED_FOR)) {
         (true, Some(prior)) => {
             let client_ip = conn.peer.ip();
             HeaderValue::from_str(&format!("{prior}, {client_ip}")).map_err(|_| {
@@ -479,22 +480,11 @@ fn rewrite_request(
         }
         _ => conn.peer_ip_header(),
     };
-    parts.headers.insert(X_FORWARDED_FOR, xff);
-    if !trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme()));
-    }
-    if !trusted || !parts.headers.contains_key(&X_FORWARDED_HOST) {
-        match parts.headers.get(header::HOST).cloned() {
-            Some(host) => {
-                parts.headers.insert(X_FORWARDED_HOST, host);
-            }
-            None => {
-                parts.headers.remove(&X_FORWARDED_HOST);
-            }
-        }
-    }
+    let forwarded = Forwarded {
+        for_,
+        proto: (!trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO)).then(|| conn.scheme()),
+        replace_host: !trusted || !parts.headers.contains_key(&X_FORWARDED_HOST),
+    };
 
     // With `auto` the connection decides (ALPN); the HTTP/2 client takes
     // an HTTP/1.1 request as it is.
@@ -502,7 +492,7 @@ fn rewrite_request(
         UpstreamProtocol::Http1 | UpstreamProtocol::Auto => Version::HTTP_11,
         UpstreamProtocol::H2 => Version::HTTP_2,
     };
-    Ok(())
+    Ok(forwarded)
 }
 
 /// Whether a request may be sent twice (RFC 9110 §9.2.2, or the client

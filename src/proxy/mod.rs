@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod body;
 pub mod buffers;
 pub mod error;
+pub mod forwarded;
 pub mod h1;
 pub mod h2;
 pub mod http;

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use crate::config::{PoolConfig, UpstreamProtocol, UpstreamTlsConfig};
 use crate::proxy::body::RequestBody;
 use crate::proxy::error::{BoxError, ProxyError};
+use crate::proxy::forwarded::Forwarded;
 use crate::proxy::h1::{EncodedFields, UpgradeIo};
 use crate::tls::client::UpstreamTls;
 use crate::upstream::backend::BackendKey;
@@ -354,6 +355,7 @@ impl UpstreamClient {
         addr: SocketAddr,
         authority: &Authority,
         parts: &'a Parts,
+        forwarded: &'a Forwarded,
         body: RequestBody,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
         enum Call<F> {
@@ -363,15 +365,17 @@ impl UpstreamClient {
         }
         let call = match &self.inner {
             Inner::H1(client) => Call::H1(client.clone(), body),
-            Inner::Hyper(client) => match target(copy_head(parts), self.tls.is_some(), authority) {
-                Ok(parts) => Call::Hyper(client.request(Request::from_parts(parts, body))),
-                Err(e) => Call::Refused(e),
-            },
+            Inner::Hyper(client) => {
+                match target(copy_head(parts, forwarded), self.tls.is_some(), authority) {
+                    Ok(parts) => Call::Hyper(client.request(Request::from_parts(parts, body))),
+                    Err(e) => Call::Refused(e),
+                }
+            }
         };
         async move {
             match call {
                 Call::H1(client, body) => {
-                    let response = client.send(parts, body).await?;
+                    let response = client.send(parts, forwarded, body).await?;
                     Ok(response.map(|b| b.map_or(UpstreamBody::Empty, UpstreamBody::H1)))
                 }
                 Call::Hyper(sending) => {
@@ -391,12 +395,13 @@ impl UpstreamClient {
 }
 
 /// A copy of a request head for hyper's client, which takes it by value.
-fn copy_head(parts: &Parts) -> Parts {
+fn copy_head(parts: &Parts, forwarded: &Forwarded) -> Parts {
     let mut copy = Request::new(()).into_parts().0;
     copy.method = parts.method.clone();
     copy.uri = parts.uri.clone();
     copy.version = parts.version;
     copy.headers = parts.headers.clone();
+    forwarded.apply(&mut copy.headers);
     copy
 }
 

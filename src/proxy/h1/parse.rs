@@ -299,9 +299,7 @@ fn build(buf: &mut BytesMut, s: Scanned, spans: &[Span]) -> Result<Head, Reject>
         .map_err(|_| Reject::bad_request("invalid request target"))?;
     check_target_form(&s.method, &uri)?;
 
-    // Room for the X-Forwarded-* fields the proxy adds, so they do not
-    // make the map grow.
-    let mut map = HeaderMap::with_capacity(s.count + 4);
+    let mut map = HeaderMap::with_capacity(s.count);
     let mut upgrade = None;
     for (i, span) in spans[..s.count].iter().enumerate() {
         if span.skip {

@@ -177,7 +177,8 @@ impl Fields {
             uri.scheme = Some(scheme);
             uri.path_and_query = Some(path);
         }
-        let mut headers = HeaderMap::with_capacity(self.regular.len() + 4);
+        // Room for the Host made from `:authority`.
+        let mut headers = HeaderMap::with_capacity(self.regular.len() + 1);
         let mut length = None;
         let mut cookies = 0;
         for (name, range) in &self.regular {

@@ -6,6 +6,7 @@ use std::mem::MaybeUninit;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::proxy::forwarded::Forwarded;
 use crate::proxy::h1::chunked::trim_ows;
 use crate::proxy::h1::EncodedFields;
 use crate::proxy::http::HOP_BY_HOP;
@@ -30,10 +31,12 @@ pub enum RequestFraming {
 /// Writes the request line and header fields of `parts` into `buf` and
 /// returns the body's framing. `end_stream` and `exact` describe the body
 /// (already ended; its exact length when known). The client's framing
-/// fields are replaced by ours; a missing Host is filled in with `authority`.
+/// fields are replaced by ours, and its X-Forwarded-* fields by
+/// `forwarded`'s; a missing Host is filled in with `authority`.
 pub fn encode_request(
     buf: &mut BytesMut,
     parts: &Parts,
+    forwarded: Option<&Forwarded>,
     authority: &str,
     end_stream: bool,
     exact: Option<u64>,
@@ -56,10 +59,13 @@ pub fn encode_request(
             declared = true;
             continue;
         }
-        if name == header::TRANSFER_ENCODING {
+        if name == header::TRANSFER_ENCODING || forwarded.is_some_and(|f| f.replaces(name)) {
             continue;
         }
         put_field(buf, name.as_str().as_bytes(), value.as_bytes());
+    }
+    for (name, value) in forwarded.into_iter().flat_map(|f| f.fields(&parts.headers)) {
+        put_field(buf, name.as_bytes(), value);
     }
     let framing = if end_stream {
         // A body-carrying method says "empty" explicitly, as it would have.
@@ -347,7 +353,7 @@ mod tests {
 
     fn encode(req: Request<()>, end: bool, exact: Option<u64>) -> (String, RequestFraming) {
         let mut buf = BytesMut::new();
-        let framing = encode_request(&mut buf, &parts(req), "10.0.0.1:80", end, exact);
+        let framing = encode_request(&mut buf, &parts(req), None, "10.0.0.1:80", end, exact);
         (String::from_utf8(buf.to_vec()).unwrap(), framing)
     }
 

@@ -41,6 +41,7 @@ pub use pool::Pool;
 use crate::proxy::body::RequestBody;
 use crate::proxy::buffers;
 use crate::proxy::error::ProxyError;
+use crate::proxy::forwarded::Forwarded;
 use crate::proxy::h1::UpgradeIo;
 use crate::proxy::prefixed::Prefixed;
 use crate::upstream::client::{BackendStream, Connector};
@@ -97,6 +98,7 @@ impl H1Client {
     pub async fn send(
         self,
         parts: &Parts,
+        forwarded: &Forwarded,
         body: RequestBody,
     ) -> Result<Response<Option<ResponseBody>>, ProxyError> {
         let inner = &*self.inner;
@@ -105,6 +107,7 @@ impl H1Client {
         let framing = head::encode_request(
             &mut wbuf,
             parts,
+            Some(forwarded),
             &inner.authority,
             body.is_end_stream(),
             body.size_hint().exact(),
