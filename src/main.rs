@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::{self, LogFormat};
 use sluice::runtime;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "L4/L7 reverse-proxy load balancer")]
 struct Cli {
