@@ -372,6 +372,26 @@ async fn upstream_request_timeout_answers_504() {
     assert_eq!(answer.body, "504 upstream-timeout\n");
 }
 
+/// Each try's limit counts from its own start: the timer a finished try
+/// left behind (armed for that try's deadline) does not end a later one.
+#[tokio::test]
+async fn per_try_limit_counts_from_each_try() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&simple_config(
+        &[&a],
+        "timeouts = { connect = \"1s\", request = \"10s\", per_try = \"1s\" }",
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    assert_eq!(get(addr, "/").await.status, 200);
+    // The second try starts 600 ms after the first and its answer comes
+    // 700 ms later: past the first try's deadline, within its own.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let answer = get(addr, "/sleep/700").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.headers);
+    assert_eq!(get(addr, "/sleep/3000").await.status, 504);
+}
+
 #[tokio::test]
 async fn refused_connection_answers_502_connect_failure() {
     let dead = free_addr();

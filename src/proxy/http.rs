@@ -30,6 +30,7 @@ use crate::proxy::h1;
 use crate::proxy::route::request_host;
 use crate::resilience::retry::{self, RetryOn};
 use crate::state::{ListenerRuntime, Shared};
+use crate::upstream::client::TryLimit;
 
 /// What a request knows about the connection it came on.
 #[derive(Clone)]
@@ -213,18 +214,21 @@ pub async fn handle(
         let left = deadline.saturating_duration_since(now);
         let limit = timeouts.per_try.min(left);
         // The client guard is released before waiting.
-        let sending =
-            backend
-                .client()
-                .send(backend.addr, &backend.authority, &parts, &forwarded, body);
-        let sent = tokio::time::timeout(limit, sending).await;
-        let result = match sent {
-            Ok(result) => result,
-            Err(_) => Err(ProxyError::Timeout {
-                addr: backend.addr,
-                after: limit,
-            }),
+        let try_limit = TryLimit {
+            deadline: now + limit,
+            after: limit,
         };
+        let result = backend
+            .client()
+            .send(
+                backend.addr,
+                &backend.authority,
+                &parts,
+                &forwarded,
+                body,
+                try_limit,
+            )
+            .await;
         let condition = match &result {
             Ok(response) => RetryOn::from_status(response.status().as_u16()),
             Err(err) => err.retry_condition(),

@@ -18,6 +18,7 @@ pub mod proxy_protocol;
 pub mod route;
 pub mod sni;
 pub mod tcp;
+pub mod timer;
 
 /// Size of the future an async fn of three arguments returns (tests bound
 /// the futures the data path keeps per connection and per request).

@@ -71,6 +71,14 @@ pub struct Connector {
     upstream: Arc<str>,
 }
 
+/// How long one try on a backend may take to get its response head.
+#[derive(Debug, Clone, Copy)]
+pub struct TryLimit {
+    pub deadline: Instant,
+    /// The time from the try's start to `deadline`, for the error.
+    pub after: Duration,
+}
+
 /// A connection to a backend: plain TCP, or TLS over it.
 pub enum BackendStream {
     Plain(TcpStream),
@@ -343,9 +351,10 @@ impl UpstreamClient {
 
     /// Sends a request to the backend at `addr` (`authority`) and returns
     /// the response head with a streaming body; a `101` response carries
-    /// the upgraded stream as an [`UpgradeIo`] extension. The future does
-    /// not borrow the client; it borrows the head, which stays with the
-    /// caller for a retry.
+    /// the upgraded stream as an [`UpgradeIo`] extension, or
+    /// [`ProxyError::Timeout`] when the head has not come within `limit`.
+    /// The future does not borrow the client; it borrows the head, which
+    /// stays with the caller for a retry.
     ///
     /// A response from the HTTP/1.1 client carries its fields in wire form
     /// in its body (see [`crate::proxy::h1::ResponseFields`]) and an empty
@@ -357,6 +366,7 @@ impl UpstreamClient {
         parts: &'a Parts,
         forwarded: &'a Forwarded,
         body: RequestBody,
+        limit: TryLimit,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
         enum Call<F> {
             H1(H1Client, RequestBody),
@@ -375,11 +385,16 @@ impl UpstreamClient {
         async move {
             match call {
                 Call::H1(client, body) => {
-                    let response = client.send(parts, forwarded, body).await?;
+                    let response = client.send(parts, forwarded, body, limit).await?;
                     Ok(response.map(|b| b.map_or(UpstreamBody::Empty, UpstreamBody::H1)))
                 }
                 Call::Hyper(sending) => {
-                    let mut response = sending.await.map_err(|e| classify(addr, e))?;
+                    let sent = tokio::time::timeout_at(limit.deadline, sending).await;
+                    let timeout = ProxyError::Timeout {
+                        addr,
+                        after: limit.after,
+                    };
+                    let mut response = sent.map_err(|_| timeout)?.map_err(|e| classify(addr, e))?;
                     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                         if let Ok(upgraded) = hyper::upgrade::on(&mut response).await {
                             let io = UpgradeIo::new(TokioIo::new(upgraded));

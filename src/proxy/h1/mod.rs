@@ -42,7 +42,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -62,6 +62,7 @@ pub(crate) mod chunked {
     pub(crate) use super::write::put_chunk_size;
 }
 
+use crate::proxy::timer;
 use conn::{give_buf, lock, Continue, Shared};
 use parse::{Framing, Reject};
 use write::{Outcome, RequestInfo};
@@ -544,11 +545,9 @@ enum Wait {
 /// Waits, holding no buffer, for the next request's first bytes, at most
 /// `limit`.
 ///
-/// `idle` is the connection's one timer, re-armed lazily: while it is due
-/// no later than this wait's deadline it is left as it is, and when it
-/// fires early it is set to the real deadline. A keep-alive connection
-/// thus touches the runtime's timer wheel about once per `limit`, not
-/// once per request.
+/// `idle` is the connection's one timer, moved lazily (`proxy::timer`): a
+/// keep-alive connection touches the runtime's timer wheel about once per
+/// `limit`, not once per request.
 async fn wait_for_request(
     conn: &Shared,
     mut stopping: Pin<&mut WaitForCancellationFuture<'_>>,
@@ -556,9 +555,7 @@ async fn wait_for_request(
     limit: Duration,
 ) -> Wait {
     let deadline = Instant::now() + limit;
-    if idle.deadline() > deadline {
-        idle.as_mut().reset(deadline);
-    }
+    timer::arm(idle.as_mut(), deadline);
     let arrival = async {
         loop {
             poll_fn(|cx| lock(conn).io()?.get_mut().poll_read_ready(cx)).await?;
@@ -583,13 +580,7 @@ async fn wait_for_request(
             }
         }
     };
-    let elapsed = poll_fn(|cx| loop {
-        ready!(idle.as_mut().poll(cx));
-        if Instant::now() >= deadline {
-            return Poll::Ready(());
-        }
-        idle.as_mut().reset(deadline);
-    });
+    let elapsed = poll_fn(|cx| timer::poll_deadline(idle.as_mut(), deadline, cx));
     // A request that has already arrived is served (and answered with
     // `connection: close`) rather than cut off by a shutdown: closing with
     // its bytes unread would reset the connection under the client.

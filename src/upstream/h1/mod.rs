@@ -22,10 +22,10 @@ mod body;
 pub mod head;
 mod pool;
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Poll};
 
@@ -44,7 +44,8 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::forwarded::Forwarded;
 use crate::proxy::h1::UpgradeIo;
 use crate::proxy::prefixed::Prefixed;
-use crate::upstream::client::{BackendStream, Connector};
+use crate::proxy::timer;
+use crate::upstream::client::{BackendStream, Connector, TryLimit};
 use body::{poll_fill, Upload};
 use head::{HeadError, RequestFraming, ResponseHead};
 
@@ -94,9 +95,38 @@ impl H1Client {
     /// Sends the request and returns the response head with a streaming
     /// body; for `101` no body but an [`UpgradeIo`] extension. The
     /// response's fields travel in wire form with the body instead of in a
-    /// `HeaderMap` (1xx heads excepted).
+    /// `HeaderMap` (1xx heads excepted). Fails with
+    /// [`ProxyError::Timeout`] when the head has not arrived within `limit`.
     pub async fn send(
         self,
+        parts: &Parts,
+        forwarded: &Forwarded,
+        body: RequestBody,
+        limit: TryLimit,
+    ) -> Result<Response<Option<ResponseBody>>, ProxyError> {
+        let pool = &self.inner.pool;
+        let mut timer = pool.timer(limit.deadline);
+        let answered = {
+            let mut call = pin!(self.call(parts, forwarded, body));
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = call.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                ready!(timer::poll_deadline(timer.as_mut(), limit.deadline, cx));
+                Poll::Ready(None)
+            })
+            .await
+        };
+        pool.put_timer(timer);
+        answered.unwrap_or(Err(ProxyError::Timeout {
+            addr: self.inner.addr,
+            after: limit.after,
+        }))
+    }
+
+    /// [`send`](Self::send) without its time limit.
+    async fn call(
+        &self,
         parts: &Parts,
         forwarded: &Forwarded,
         body: RequestBody,

@@ -12,13 +12,15 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::proxy::timer;
 use crate::upstream::client::BackendStream;
 
 /// How often the sweeper looks, at most and at least.
@@ -34,6 +36,8 @@ struct Idle {
 struct Inner {
     idle: VecDeque<Idle>,
     sweeping: bool,
+    /// Timers of finished tries, still armed (see [`Pool::timer`]).
+    timers: Vec<Pin<Box<Sleep>>>,
 }
 
 /// The idle connections of one backend.
@@ -112,6 +116,30 @@ impl Pool {
         }
         drop(inner);
         drop(evicted);
+    }
+
+    /// A timer for a try that must have its response head by `deadline`,
+    /// [armed](crate::proxy::timer::arm) for it. Timers are kept by the
+    /// pool between tries, as many as it keeps connections, still
+    /// registered for an earlier try's deadline: a try on a busy backend
+    /// registers none (see `proxy::timer`).
+    pub fn timer(&self, deadline: Instant) -> Pin<Box<Sleep>> {
+        let kept = self.lock().timers.pop();
+        match kept {
+            Some(mut timer) => {
+                timer::arm(timer.as_mut(), deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+
+    /// Gives back a try's timer.
+    pub fn put_timer(&self, timer: Pin<Box<Sleep>>) {
+        let mut inner = self.lock();
+        if inner.timers.len() < self.max_idle {
+            inner.timers.push(timer);
+        }
     }
 
     /// Idle connections held now.
