@@ -473,8 +473,12 @@ fn rewrite_request(
         .trusted_proxies
         .iter()
         .any(|c| c.contains(conn.peer.ip()));
-    let for_ = match (trusted, joined(&parts.headers, &X_FORWARDED_FOR)) {
-        (true, Some(prior)) => {
+    // Only a trusted proxy's X-Forwarded-For is looked at.
+    let prior = trusted
+        .then(|| joined(&parts.headers, &X_FORWARDED_FOR))
+        .flatten();
+    let for_ = match prior {
+        Some(prior) => {
             let client_ip = conn.peer.ip();
             HeaderValue::from_str(&format!("{prior}, {client_ip}")).map_err(|_| {
                 ProxyError::BadRequest {
@@ -482,7 +486,7 @@ fn rewrite_request(
                 }
             })?
         }
-        _ => conn.peer_ip_header(),
+        None => conn.peer_ip_header(),
     };
     let forwarded = Forwarded {
         for_,
