@@ -132,7 +132,9 @@ impl AsyncRead for LazyTcp {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let want = buf.remaining().min(SPECULATIVE_READ);
-        if want > 0 {
+        // Only a bare socket is read here, into initialised memory: a
+        // registered one reads into the buffer's spare room as it is.
+        if want > 0 && !this.is_registered() {
             let read = {
                 let dst = buf.initialize_unfilled_to(want);
                 this.try_bare(|mut socket| socket.read(dst))
