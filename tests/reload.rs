@@ -80,7 +80,7 @@ async fn twenty_reloads_under_load_lose_no_request() {
     ];
     let config = |i: usize| {
         let w = |k: usize| 1 + ((i + k) % 3) as u32;
-        let set = if i % 2 == 0 {
+        let set = if i.is_multiple_of(2) {
             vec![(&a, w(0)), (&b, w(1)), (&c, w(2))]
         } else {
             vec![(&b, w(0)), (&c, w(1)), (&d, w(2))]

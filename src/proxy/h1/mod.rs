@@ -429,8 +429,14 @@ where
 
         // The request's own state lives in a box that is freed when it is
         // answered, so an idle connection's task holds only the small state
-        // of the wait above.
-        let step = Box::pin(serve_request(conn, wbuf, settings, shutdown, handler)).await?;
+        // of the wait above. Allocated first and written in place: built
+        // on the stack and then boxed, its 3.4 KiB would be copied once
+        // per request.
+        let step = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            serve_request(conn, wbuf, settings, shutdown, handler),
+        ))
+        .await?;
         if let Step::Close = step {
             return Ok(Arrival::Closed);
         }

@@ -537,7 +537,7 @@ where
             }
             return Ok(());
         }
-        if payload.len() % 6 != 0 {
+        if !payload.len().is_multiple_of(6) {
             return Err(ConnError(Reason::FRAME_SIZE_ERROR, "SETTINGS size"));
         }
         for setting in payload.chunks_exact(6) {
@@ -717,7 +717,7 @@ where
     }
 
     fn on_headers(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.stream == 0 || head.stream % 2 == 0 {
+        if head.stream == 0 || head.stream.is_multiple_of(2) {
             return Err(ConnError(
                 Reason::PROTOCOL_ERROR,
                 "HEADERS on an invalid stream",
