@@ -397,7 +397,9 @@ where
 {
     // One timer and one shutdown wait serve all the idle waits of the
     // connection, so a keep-alive request registers neither anew.
-    let mut idle = pin!(tokio::time::sleep(settings.idle_timeout));
+    // The timer is made by the first wait: a connection that closes after
+    // its first request never needs one.
+    let mut idle = pin!(None::<Sleep>);
     let mut stopping = pin!(shutdown.cancelled());
     loop {
         let has_leftover = {
@@ -557,11 +559,14 @@ enum Wait {
 async fn wait_for_request(
     conn: &Shared,
     mut stopping: Pin<&mut WaitForCancellationFuture<'_>>,
-    mut idle: Pin<&mut Sleep>,
+    mut idle: Pin<&mut Option<Sleep>>,
     limit: Duration,
 ) -> Wait {
     let deadline = Instant::now() + limit;
-    timer::arm(idle.as_mut(), deadline);
+    match idle.as_mut().as_pin_mut() {
+        Some(timer) => timer::arm(timer, deadline),
+        None => idle.set(Some(tokio::time::sleep_until(deadline))),
+    }
     let arrival = async {
         loop {
             poll_fn(|cx| lock(conn).io()?.get_mut().poll_read_ready(cx)).await?;
@@ -586,7 +591,10 @@ async fn wait_for_request(
             }
         }
     };
-    let elapsed = poll_fn(|cx| timer::poll_deadline(idle.as_mut(), deadline, cx));
+    let elapsed = poll_fn(|cx| match idle.as_mut().as_pin_mut() {
+        Some(timer) => timer::poll_deadline(timer, deadline, cx),
+        None => Poll::Pending,
+    });
     // A request that has already arrived is served (and answered with
     // `connection: close`) rather than cut off by a shutdown: closing with
     // its bytes unread would reset the connection under the client.
