@@ -390,11 +390,11 @@ impl UpstreamClient {
                 }
                 Call::Hyper(sending) => {
                     let sent = tokio::time::timeout_at(limit.deadline, sending).await;
-                    let timeout = ProxyError::Timeout {
+                    let timeout = |_| ProxyError::Timeout {
                         addr,
                         after: limit.after,
                     };
-                    let mut response = sent.map_err(|_| timeout)?.map_err(|e| classify(addr, e))?;
+                    let mut response = sent.map_err(timeout)?.map_err(|e| classify(addr, e))?;
                     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                         if let Ok(upgraded) = hyper::upgrade::on(&mut response).await {
                             let io = UpgradeIo::new(TokioIo::new(upgraded));

@@ -593,6 +593,7 @@ async fn wait_for_request(
     };
     let elapsed = poll_fn(|cx| match idle.as_mut().as_pin_mut() {
         Some(timer) => timer::poll_deadline(timer, deadline, cx),
+        // Set above.
         None => Poll::Pending,
     });
     // A request that has already arrived is served (and answered with

@@ -118,10 +118,12 @@ impl H1Client {
             .await
         };
         pool.put_timer(timer);
-        answered.unwrap_or(Err(ProxyError::Timeout {
-            addr: self.inner.addr,
-            after: limit.after,
-        }))
+        answered.unwrap_or_else(|| {
+            Err(ProxyError::Timeout {
+                addr: self.inner.addr,
+                after: limit.after,
+            })
+        })
     }
 
     /// [`send`](Self::send) without its time limit.
