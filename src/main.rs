@@ -135,13 +135,21 @@ fn announce_ready(running: &runtime::Running) {
     tracing::info!(listeners = %listeners, admin = %running.admin, "ready");
 }
 
+/// One worker runs everything on the main thread with tokio's
+/// single-threaded scheduler: no second thread, and no work-stealing
+/// bookkeeping on every wake-up. More workers share the connections
+/// through the multi-threaded one.
 fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
-    builder.build()
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if workers > 0 {
+            builder.worker_threads(workers);
+        }
+        builder
+    };
+    builder.enable_all().build()
 }
 
 fn init_tracing(flag: Option<FormatArg>, from_config: LogFormat) {

@@ -113,6 +113,67 @@ fn sigterm_drains_lets_in_flight_finish_and_exits_0() {
     assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+/// The threads the process runs now.
+fn threads(proc: &Proc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", proc.child.id()))
+        .expect("/proc/PID/task")
+        .count()
+}
+
+/// `workers = 1` runs every connection, HTTP/1.1 and HTTP/2, on the
+/// process's one thread, as HAProxy's `nbthread 1` does; it still reloads
+/// and stops gracefully. `workers = 2` runs two worker threads beside the
+/// main one.
+#[test]
+fn one_worker_serves_everything_on_one_thread() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let backend = rt.block_on(Backend::start("a"));
+    let cfg = simple_config(&[&backend], "");
+    let mut proc = Proc::start(&format!("[runtime]\nworkers = 1\n\n{cfg}"));
+    let addr = proc.addr("web");
+    let admin = proc.admin;
+    rt.block_on(async {
+        assert_eq!(get(addr, "/").await.body, "a");
+        let url = format!("http://{addr}/");
+        let h2 = h2_client()
+            .request(Request::get(&url).body(empty()).expect("request"))
+            .await
+            .expect("h2 request");
+        assert_eq!(h2.version(), http::Version::HTTP_2);
+        assert_eq!(h2.status(), 200);
+        assert_eq!(get(admin, "/metrics").await.status, 200);
+    });
+    // Nothing has needed a blocking thread yet (a reload would start one).
+    assert_eq!(threads(&proc), 1, "workers = 1 started more threads");
+
+    proc.signal(Signal::SIGHUP);
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = get(admin, "/metrics").await.body;
+            if m.contains("sluice_config_reloads_total{result=\"success\"} 2") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reload counted:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get(addr, "/").await.body, "a");
+    });
+    proc.signal(Signal::SIGTERM);
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
+
+    let two = Proc::start(&format!("[runtime]\nworkers = 2\n\n{cfg}"));
+    assert_eq!(rt.block_on(get(two.addr("web"), "/")).body, "a");
+    assert_eq!(
+        threads(&two),
+        3,
+        "workers = 2: the main thread and two workers"
+    );
+}
+
 #[test]
 fn sighup_keeps_the_process_serving() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
