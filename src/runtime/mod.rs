@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::admin::metrics::Metrics;
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::proxy::listener::{accept_loop, BoundListener, ListenSocket, ListenerControl};
 use crate::state::Shared;
 use discovery::Discovery;
@@ -164,6 +164,10 @@ impl Control {
         addr: SocketAddr,
         active: Arc<AtomicUsize>,
     ) -> RunningListener {
+        let http = config.protocol == ListenerProtocol::Http;
+        if let Err(err) = socket.set_delayed_ack(http) {
+            tracing::debug!(listener = %config.name, error = %err, "cannot set the ACK mode");
+        }
         let running = RunningListener {
             config: config.clone(),
             addr,
