@@ -190,23 +190,23 @@ async fn run_loads(
     let loads: Vec<(&str, Load)> = vec![
         (
             "h1 keep-alive /128",
-            Load::h1(http, get("/128", false), 64, 3 * secs),
+            Load::h1(http, get("/128", false), false, 64, 3 * secs),
         ),
         (
             "h1 keep-alive /16k",
-            Load::h1(http, get("/16k", false), 64, secs),
+            Load::h1(http, get("/16k", false), false, 64, secs),
         ),
         (
             "h1 Connection: close",
-            Load::h1_close(http, get("/128", true), 64, secs),
+            Load::h1(http, get("/128", true), true, 64, secs),
         ),
-        ("h1 POST 2 KiB", Load::h1(http, post, 16, secs)),
+        ("h1 POST 2 KiB", Load::h1(http, post, false, 16, secs)),
         (
             "h1 chunked response",
-            Load::h1(http, get("/chunked", false), 16, secs),
+            Load::h1(http, get("/chunked", false), false, 16, secs),
         ),
         ("h2c /128", Load::h2(http, 16, 4, 2 * secs)),
-        ("tcp /1m", Load::h1(tcp, get("/1m", false), 16, secs)),
+        ("tcp /1m", Load::h1(tcp, get("/1m", false), false, 16, secs)),
     ];
     for (name, load) in loads {
         let counts = load.run().await;
@@ -288,24 +288,16 @@ struct Load {
 }
 
 impl Load {
-    fn h1(addr: SocketAddr, request: Vec<u8>, conns: usize, duration: Duration) -> Load {
-        let kind = Kind::H1 {
-            request,
-            close: false,
-        };
-        Load {
-            addr,
-            kind,
-            conns,
-            duration,
-        }
-    }
-
-    fn h1_close(addr: SocketAddr, request: Vec<u8>, conns: usize, duration: Duration) -> Load {
-        let kind = Kind::H1 {
-            request,
-            close: true,
-        };
+    /// HTTP/1.1 clients sending `request` in a loop; with `close`, each
+    /// on a new connection.
+    fn h1(
+        addr: SocketAddr,
+        request: Vec<u8>,
+        close: bool,
+        conns: usize,
+        duration: Duration,
+    ) -> Load {
+        let kind = Kind::H1 { request, close };
         Load {
             addr,
             kind,

@@ -113,6 +113,23 @@ fn sigterm_drains_lets_in_flight_finish_and_exits_0() {
     assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+/// Waits until the admin's metrics count a second successful config load
+/// (the start, then the reload): the reload has run.
+async fn wait_reload_counted(admin: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = get(admin, "/metrics").await.body;
+        if m.contains("sluice_config_reloads_total{result=\"success\"} 2") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reload counted:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The threads the process runs now.
 fn threads(proc: &Proc) -> usize {
     std::fs::read_dir(format!("/proc/{}/task", proc.child.id()))
@@ -148,18 +165,7 @@ fn one_worker_serves_everything_on_one_thread() {
 
     proc.signal(Signal::SIGHUP);
     rt.block_on(async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let m = get(admin, "/metrics").await.body;
-            if m.contains("sluice_config_reloads_total{result=\"success\"} 2") {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no reload counted:\n{m}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_reload_counted(admin).await;
         assert_eq!(get(addr, "/").await.body, "a");
     });
     proc.signal(Signal::SIGTERM);
@@ -183,19 +189,7 @@ fn sighup_keeps_the_process_serving() {
     proc.signal(Signal::SIGHUP);
     let admin = proc.admin;
     rt.block_on(async {
-        // The reload is counted once it has run.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let m = get(admin, "/metrics").await.body;
-            if m.contains("sluice_config_reloads_total{result=\"success\"} 2") {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no reload counted:\n{m}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_reload_counted(admin).await;
         assert_eq!(get(addr, "/").await.body, "a");
     });
 }
