@@ -136,10 +136,8 @@ pub(crate) fn parse_head(
 }
 
 fn has_head_end(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && matches!(&bytes[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
+    memchr::memchr_iter(b'\n', bytes)
+        .any(|i| matches!(&bytes[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// What the header loop learns about framing and connection handling.
@@ -497,7 +495,50 @@ pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use super::is_valid_host;
+    use bytes::BytesMut;
+
+    use super::{is_valid_host, parse_head};
+    use crate::proxy::h1::H1Settings;
+
+    /// Feeds `head` one byte at a time, as a slow client would send it; the
+    /// head must be found complete at its last byte and not before, even
+    /// when its blank line is split across reads.
+    fn parsed_at(head: &[u8], extra: &[u8]) -> Option<usize> {
+        let settings = H1Settings::default();
+        let mut buf = BytesMut::new();
+        let mut scanned = 0;
+        for (i, &b) in head.iter().chain(extra).enumerate() {
+            buf.extend_from_slice(&[b]);
+            match parse_head(&mut buf, &mut scanned, &settings) {
+                Ok(Some(parsed)) => {
+                    assert_eq!(
+                        parsed.headers.get("host").map(|v| v.as_bytes()),
+                        Some(&b"a"[..])
+                    );
+                    assert_eq!(&buf[..], &extra[..i + 1 - head.len()]);
+                    return Some(i + 1);
+                }
+                Ok(None) => {}
+                Err(_) => panic!("{head:?} refused at byte {i}"),
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn head_end_is_found_across_reads() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\nHost: a\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-Long: 0123456789012345678901234567890123456789\r\n\r\n",
+        ] {
+            assert_eq!(parsed_at(head, b""), Some(head.len()), "{head:?}");
+            assert_eq!(parsed_at(head, b"GET"), Some(head.len()), "{head:?} + next");
+        }
+        assert_eq!(parsed_at(b"GET / HTTP/1.1\r\nHost: a\r\n\r", b""), None);
+        assert_eq!(parsed_at(b"GET / HTTP/1.1\r\nHost: a\r\n", b""), None);
+    }
 
     #[test]
     fn hosts_are_checked_in_place() {
