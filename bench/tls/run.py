@@ -20,6 +20,7 @@ generator and the backends to CPU 0.
   bench/tls/run.py                           # build, then every workload, both keys, 3 rounds
   bench/tls/run.py --duration 2 --rounds 1   # a smoke run
   bench/tls/run.py --help
+  bench/tls/run.py --workloads handshake --keys rsa --workers 1,2 --no-pin   # scaling
 """
 
 import argparse
@@ -173,12 +174,12 @@ http {{
     return path
 
 
-def sluice_config(work, cert, key):
+def sluice_config(work, cert, key, workers):
     backends = ", ".join('"%s:%d"' % (HOST, p) for p in BACKEND_PORTS)
     path = os.path.join(work, "sluice.toml")
     with open(path, "w") as f:
         f.write(f"""[runtime]
-workers = 1
+workers = {workers}
 [admin]
 listen = "{HOST}:{ADMIN_PORT}"
 [[listener]]
@@ -196,12 +197,12 @@ max_in_flight = 0
     return path
 
 
-def haproxy_config(work, combined):
+def haproxy_config(work, combined, workers):
     servers = "\n".join("    server b%d %s:%d" % (i + 1, HOST, p) for i, p in enumerate(BACKEND_PORTS))
     path = os.path.join(work, "haproxy.cfg")
     with open(path, "w") as f:
         f.write(f"""global
-    nbthread 1
+    nbthread {workers}
     maxconn 4096
     log stderr local0 err
 defaults
@@ -266,14 +267,14 @@ def run_load(args, workload, load_cpus, work):
     return int(r.group(1)), secs, int(r.group(2)) + int(r.group(3)) + int(r.group(4)), text
 
 
-def run_cell(args, proxy, key, workload, certs, work, pins):
+def run_cell(args, proxy, key, workload, workers, certs, work, pins):
     proxy_cpus, load_cpus = pins
     cert, keyf, combined = certs[key]
     if proxy == "sluice":
-        argv = [args.bin, "run", "--config", sluice_config(work, cert, keyf)]
+        argv = [args.bin, "run", "--config", sluice_config(work, cert, keyf, workers)]
     else:
-        argv = ["haproxy", "-db", "-f", haproxy_config(work, combined)]
-    proc = start(argv, proxy_cpus, "%s-%s-%s" % (proxy, key, workload), work)
+        argv = ["haproxy", "-db", "-f", haproxy_config(work, combined, workers)]
+    proc = start(argv, proxy_cpus, "%s-%s-%s-w%d" % (proxy, key, workload, workers), work)
     try:
         hello = wait_https(PROXY_PORT)
         if hello is None:
@@ -286,7 +287,8 @@ def run_cell(args, proxy, key, workload, certs, work, pins):
         proto = re.search(r"Protocol version: (\S+)", hello)
         cipher = re.search(r"Ciphersuite: (\S+)", hello)
         return {
-            "proxy": proxy, "key": key, "workload": workload, "ops": ops, "seconds": secs,
+            "proxy": proxy, "key": key, "workload": workload, "workers": workers,
+            "ops": ops, "seconds": secs,
             "rate": ops / secs if secs else 0.0, "errors": errors, "proxy_cpu_s": cpu,
             "us_per_op": cpu / ops * 1e6 if ops else None, "core_pct": 100.0 * cpu / wall,
             "tls": (proto.group(1) if proto else "?") + " " + (cipher.group(1) if cipher else "?"),
@@ -307,6 +309,10 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--conns", type=int, default=64, help="wrk keep-alive connections")
     p.add_argument("--handshake-conns", type=int, default=32, help="tls_load loops")
+    p.add_argument("--workers", default="1",
+                   help="comma list of worker threads per proxy (Sluice runtime.workers, "
+                        "HAProxy nbthread), each run in every round, e.g. 1,2; above 1 "
+                        "needs --no-pin")
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--keep-work", action="store_true", help="keep configs and logs (printed at the end)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -320,6 +326,14 @@ def main():
     for k in keys:
         if k not in ("ecdsa", "rsa"):
             die("unknown key " + k)
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        die("--workers takes a comma list of numbers, not " + args.workers)
+    if any(w < 1 for w in workers):
+        die("--workers must be 1 or more")
+    if max(workers) > 1 and not args.no_pin:
+        die("--workers above 1 needs --no-pin: pinned, the proxy has one core")
 
     check_tools()
     build(args)
@@ -344,13 +358,14 @@ def main():
         for r in range(args.rounds):
             order = proxies[r % len(proxies):] + proxies[:r % len(proxies)]
             for key, workload in cells:
-                for proxy in order:
-                    log("round %d: %s %s %s" % (r + 1, proxy, key, workload))
+                for proxy, n in ((p, n) for p in order for n in workers):
+                    log("round %d: %s %s %s, %d worker(s)" % (r + 1, proxy, key, workload, n))
                     try:
-                        cell = run_cell(args, proxy, key, workload, certs, work, pins)
+                        cell = run_cell(args, proxy, key, workload, n, certs, work, pins)
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
                         log("  failed: %s" % e)
-                        cell = {"proxy": proxy, "key": key, "workload": workload, "failed": str(e)}
+                        cell = {"proxy": proxy, "key": key, "workload": workload, "workers": n,
+                                "failed": str(e)}
                     cell["round"] = r + 1
                     results.append(cell)
                     if "rate" in cell:
@@ -360,7 +375,7 @@ def main():
     finally:
         stop_all()
 
-    summary = summarize(results, proxies, cells)
+    summary = summarize(results, proxies, cells, workers)
     print(summary)
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -377,30 +392,44 @@ def main():
     sys.exit(1 if failed else 0)
 
 
-def summarize(results, proxies, cells):
+def summarize(results, proxies, cells, workers):
+    """The median table: one row per workload, key, proxy and worker count.
+    CPU x haproxy compares with HAProxy at the same worker count; rate x 1
+    worker (with several counts) is the proxy's median over rounds of its
+    rate divided by its one-worker rate in the same round."""
     unit = {"handshake": "handshakes/s", "keepalive": "req/s", "keepalive-h2": "req/s"}
-    lines = ["| workload | key | proxy | rate | proxy CPU us/op | CPU x haproxy | core % | errors "
-             "| tls (s_client) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    scaling = len(workers) > 1 and 1 in workers
+    lines = ["| workload | key | proxy | workers | rate | proxy CPU us/op | CPU x haproxy "
+             "| core % | errors | tls (s_client) |" + (" rate x 1 worker |" if scaling else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+             + (" --- |" if scaling else "")]
+
+    def runs_of(proxy, key, workload, n):
+        return [c for c in results if c["proxy"] == proxy and c["key"] == key
+                and c["workload"] == workload and c.get("workers", 1) == n and "rate" in c]
+
     for key, workload in cells:
-        med = {}
-        for proxy in proxies:
-            runs = [c for c in results if c["proxy"] == proxy and c["key"] == key
-                    and c["workload"] == workload and "rate" in c]
-            if not runs:
-                lines.append("| %s | %s | %s | FAILED | | | | | |" % (workload, key, proxy))
-                continue
-            med[proxy] = statistics.median(c["us_per_op"] or 0 for c in runs)
-            lines.append("| %s | %s | %s | %.0f %s | %.1f | %s | %.0f | %d | %s |" % (
-                workload, key, proxy, statistics.median(c["rate"] for c in runs), unit[workload],
-                med[proxy], "{ratio}", statistics.median(c["core_pct"] for c in runs),
-                sum(c["errors"] for c in runs), runs[0]["tls"]))
-        base = med.get("haproxy")
-        for i in range(len(lines)):
-            if "{ratio}" in lines[i]:
-                proxy = lines[i].split(" | ")[2]
-                ratio = "%.2f" % (med[proxy] / base) if base else "-"
-                lines[i] = lines[i].replace("{ratio}", ratio)
+        for n in workers:
+            base_runs = runs_of("haproxy", key, workload, n)
+            base = statistics.median(c["us_per_op"] or 0 for c in base_runs) if base_runs else None
+            for proxy in proxies:
+                runs = runs_of(proxy, key, workload, n)
+                if not runs:
+                    lines.append("| %s | %s | %s | %d | FAILED | | | | | |%s" % (
+                        workload, key, proxy, n, " |" if scaling else ""))
+                    continue
+                med = statistics.median(c["us_per_op"] or 0 for c in runs)
+                row = "| %s | %s | %s | %d | %.0f %s | %.1f | %s | %.0f | %d | %s |" % (
+                    workload, key, proxy, n, statistics.median(c["rate"] for c in runs),
+                    unit[workload], med, "%.2f" % (med / base) if base else "-",
+                    statistics.median(c["core_pct"] for c in runs),
+                    sum(c["errors"] for c in runs), runs[0]["tls"])
+                if scaling:
+                    one = {c["round"]: c["rate"] for c in runs_of(proxy, key, workload, 1)}
+                    ratios = [c["rate"] / one[c["round"]] for c in runs
+                              if one.get(c["round"])]
+                    row += " %s |" % ("%.2f" % statistics.median(ratios) if ratios else "-")
+                lines.append(row)
     return "\n".join(lines)
 
 
