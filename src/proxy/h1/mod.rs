@@ -31,7 +31,7 @@
 
 mod body;
 mod conn;
-mod parse;
+pub mod parse;
 mod write;
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ const STACK_HEADERS: usize = 128;
 /// A request refused before the handler sees it, answered by a generated
 /// response and a closed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Reject {
+pub struct Reject {
     pub status: StatusCode,
     /// The `sluice-error` value.
     pub reason: &'static str,
@@ -71,7 +71,7 @@ impl Reject {
 
 /// How the request body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
+pub enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -79,7 +79,7 @@ pub(crate) enum Framing {
 
 /// A parsed and validated request head.
 #[derive(Debug)]
-pub(crate) struct Head {
+pub struct Head {
     pub method: Method,
     pub uri: Uri,
     pub version: Version,
@@ -105,7 +105,7 @@ struct Span {
 /// and validates it, splitting it off `buf`. `Ok(None)`: not complete yet.
 /// `scanned` lets repeated calls skip bytes already searched, so a client
 /// trickling bytes does not make us re-parse the head each time.
-pub(crate) fn parse_head(
+pub fn parse_head(
     buf: &mut BytesMut,
     scanned: &mut usize,
     settings: &H1Settings,
