@@ -394,7 +394,7 @@ async fn per_try_limit_counts_from_each_try() {
 
 #[tokio::test]
 async fn refused_connection_answers_502_connect_failure() {
-    let dead = free_addr();
+    let (_held, dead) = dead_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{dead}\"]\n"

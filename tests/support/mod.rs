@@ -459,6 +459,18 @@ pub async fn spawn_tcp_echo() -> SocketAddr {
 
 /// An address on loopback that nothing listens on (bound, then released):
 /// connects to it are refused.
+/// An address that refuses connections and stays so for as long as the
+/// returned socket lives: bound, never listening, so no other test's
+/// server can be given its port (as can happen to [`free_addr`]'s).
+pub fn dead_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    (socket, addr)
+}
+
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
