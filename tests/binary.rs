@@ -293,7 +293,7 @@ fn access_log_has_one_json_line_per_tcp_session_and_per_http_request() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let http_backend = rt.block_on(Backend::start("a"));
     let echo = rt.block_on(spawn_tcp_echo());
-    let dead = free_addr();
+    let (_held, dead) = dead_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\naccess_log = true\n\
          [[listener]]\nname = \"l4\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"tcp\"\nupstream = \"echo\"\n\

@@ -816,7 +816,7 @@ async fn a_full_backend_bulkhead_makes_it_ineligible_until_it_has_room() {
 #[tokio::test]
 async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     let live = Backend::start("live").await;
-    let dead_addr = free_addr();
+    let (held, dead_addr) = dead_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{dead_addr}\", \"{}\"]\n\
@@ -838,6 +838,7 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
     assert_eq!(status["upstreams"][0]["backends"][0]["health"], "down");
 
     // The backend comes back on its address: it rejoins after two passes.
+    drop(held);
     let revived = Backend::start_at("revived", dead_addr).await;
     wait_backend_up(&proxy, dead_addr, 1.0).await;
     let mut bodies = Vec::new();
@@ -856,7 +857,7 @@ async fn health_checks_take_a_dead_backend_out_and_bring_it_back() {
 #[tokio::test]
 async fn tcp_health_checks_mark_a_refusing_backend_down() {
     let live = Backend::start("live").await;
-    let dead_addr = free_addr();
+    let (_held, dead_addr) = dead_addr();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{dead_addr}\", \"{}\"]\n\
@@ -929,7 +930,7 @@ fn retry_config(backends: &[&Backend], retry: &str) -> String {
 
 #[tokio::test]
 async fn idempotent_requests_are_retried_on_another_backend() {
-    let dead = free_addr();
+    let (_held, dead) = dead_addr();
     let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
     bad.force_status(503);
     // The default policy retries connect failures; this one 503s too.
@@ -1012,7 +1013,7 @@ async fn the_retry_budget_caps_amplification_when_every_backend_fails() {
 
 #[tokio::test]
 async fn with_every_backend_down_the_answer_is_an_immediate_503() {
-    let dead: Vec<std::net::SocketAddr> = (0..2).map(|_| free_addr()).collect();
+    let (_held, dead): (Vec<_>, Vec<_>) = (0..2).map(|_| dead_addr()).unzip();
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{}\", \"{}\"]\n\

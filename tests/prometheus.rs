@@ -55,11 +55,13 @@ struct Served {
     proxy: sluice::runtime::Running,
     live: Backend,
     dead: SocketAddr,
+    /// Keeps `dead` refusing: bound, never listening.
+    _dead_socket: tokio::net::TcpSocket,
 }
 
 async fn served_proxy() -> Served {
     let live = Backend::start("live").await;
-    let dead = free_addr();
+    let (dead_socket, dead) = dead_addr();
     let echo = spawn_tcp_echo().await;
     let cfg = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n\
@@ -87,7 +89,12 @@ async fn served_proxy() -> Served {
         let mut back = [0u8; 4];
         s.read_exact(&mut back).await.expect("echo");
     }
-    Served { proxy, live, dead }
+    Served {
+        proxy,
+        live,
+        dead,
+        _dead_socket: dead_socket,
+    }
 }
 
 #[tokio::test]

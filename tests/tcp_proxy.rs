@@ -213,7 +213,7 @@ async fn backend_half_close_reaches_the_client_which_can_still_send() {
 
 #[tokio::test]
 async fn a_refusing_backend_fails_over_with_no_client_error() {
-    let dead = support::free_addr();
+    let (_held, dead) = support::dead_addr();
     let echo = TcpBackend::echo().await;
     let proxy = start_proxy(&tcp_config("upstream = \"app\"", &[dead, echo.addr], "")).await;
     let addr = proxy.listener_addr("l4").expect("bound");

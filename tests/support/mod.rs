@@ -457,8 +457,6 @@ pub async fn spawn_tcp_echo() -> SocketAddr {
     addr
 }
 
-/// An address on loopback that nothing listens on (bound, then released):
-/// connects to it are refused.
 /// An address that refuses connections and stays so for as long as the
 /// returned socket lives: bound, never listening, so no other test's
 /// server can be given its port (as can happen to [`free_addr`]'s).
@@ -471,6 +469,9 @@ pub fn dead_addr() -> (tokio::net::TcpSocket, SocketAddr) {
     (socket, addr)
 }
 
+/// An address on loopback that nothing listens on (bound, then released),
+/// for a test that binds it itself later. A backend that must stay dead
+/// takes [`dead_addr`] instead: this port may be given to another test.
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
