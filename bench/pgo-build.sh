@@ -50,10 +50,15 @@ if [ -z "$profdata" ]; then
 fi
 
 llvm_bolt=""
+relocs=""
 if [ "$bolt" = 1 ]; then
     for candidate in llvm-bolt /usr/lib/llvm-*/bin/llvm-bolt; do
         if command -v "$candidate" >/dev/null 2>&1; then
             llvm_bolt=$candidate
+            # llvm-bolt needs the linker's relocations to move functions;
+            # they do not change the code.
+            relocs="-Clink-arg=-Wl,--emit-relocs"
+            break
         fi
     done
     if [ -z "$llvm_bolt" ]; then
@@ -71,21 +76,17 @@ RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$out/profiles" \
 LLVM_PROFILE_FILE="$out/profiles/sluice-%p-%m.profraw" \
     target/release/examples/pgo_train --bin "$out/gen/release/sluice" --seconds "$seconds"
 "$profdata" merge -o "$out/sluice.profdata" "$out/profiles"
-# llvm-bolt needs the linker's relocations to move functions; they do not
-# change the code.
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$out/sluice.profdata -Clink-arg=-Wl,--emit-relocs" \
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$out/sluice.profdata $relocs" \
     cargo build --release --locked --bin sluice --target-dir "$out/use"
-if [ -z "$llvm_bolt" ]; then
+if [ -n "$llvm_bolt" ]; then
+    mkdir -p "$out/bolt"
+    "$llvm_bolt" "$out/use/release/sluice" -o "$out/bolt/sluice-instrumented" \
+        -instrument --instrumentation-file="$out/bolt/sluice.fdata"
+    target/release/examples/pgo_train --bin "$out/bolt/sluice-instrumented" --seconds "$seconds"
+    "$llvm_bolt" "$out/use/release/sluice" -o "$out/sluice" -data="$out/bolt/sluice.fdata" \
+        -reorder-blocks=ext-tsp -reorder-functions=hfsort+ -split-functions -split-all-cold \
+        -split-eh -icf=1 -use-gnu-stack
+else
     cp "$out/use/release/sluice" "$out/sluice"
-    echo "built $out/sluice"
-    exit 0
 fi
-
-mkdir -p "$out/bolt"
-"$llvm_bolt" "$out/use/release/sluice" -o "$out/bolt/sluice-instrumented" \
-    -instrument --instrumentation-file="$out/bolt/sluice.fdata"
-target/release/examples/pgo_train --bin "$out/bolt/sluice-instrumented" --seconds "$seconds"
-"$llvm_bolt" "$out/use/release/sluice" -o "$out/sluice" -data="$out/bolt/sluice.fdata" \
-    -reorder-blocks=ext-tsp -reorder-functions=hfsort+ -split-functions -split-all-cold \
-    -split-eh -icf=1 -use-gnu-stack
 echo "built $out/sluice"
