@@ -1476,3 +1476,67 @@ async fn an_idle_h2c_connection_gets_goaway_after_the_idle_timeout() {
     assert_eq!(goaway.last_stream_id(), 1, "{goaway:?}");
     raw.until_closed().await;
 }
+
+// ---------------------------------------------------------------------------
+// 13: response heads through the HPACK dynamic table
+// ---------------------------------------------------------------------------
+
+/// Many responses on one connection whose fields repeat, change and evict
+/// each other in the encoder's dynamic table reach an `h2` client exactly,
+/// whatever table size the client allows (none, less than one response's
+/// fields, the default): its decoder stays in step with the proxy's encoder.
+#[tokio::test]
+async fn repeated_and_changing_response_fields_decode_exactly_at_every_table_size() {
+    let backend = serve(|req: Request<Incoming>| async move {
+        let n: usize = req.uri().path()[1..].parse().expect("number");
+        let mut r = Response::new(text(format!("body {n}")));
+        let h = r.headers_mut();
+        h.insert("server", "backend/1".parse().expect("valid"));
+        h.insert("x-repeat", "same on every response".parse().expect("valid"));
+        h.insert("x-n", n.to_string().parse().expect("valid"));
+        h.insert("x-kind", ["odd", "even"][n % 2].parse().expect("valid"));
+        h.insert("set-cookie", format!("id={n}").parse().expect("valid"));
+        // Every fifth response: a field that fills most of a small table.
+        if n.is_multiple_of(5) {
+            h.insert("x-big", "b".repeat(90 + n).parse().expect("valid"));
+        }
+        r
+    })
+    .await;
+    let proxy = start_proxy(&config_for(backend, "")).await;
+    let addr = proxy.listener_addr("web").expect("web");
+    for table_size in [None, Some(0), Some(150)] {
+        let mut builder = h2::client::Builder::new();
+        if let Some(size) = table_size {
+            builder.header_table_size(size);
+        }
+        let send = h2_connect(addr, &builder).await;
+        let run = async move {
+            let mut send = send.ready().await.expect("ready");
+            for n in 0..40usize {
+                let (response, _) = send
+                    .send_request(h2_get(&format!("/{n}")), true)
+                    .expect("send request");
+                let response = response.await.expect("response head");
+                assert_eq!(response.status(), StatusCode::OK);
+                let h = response.headers();
+                let field = |name: &str| h.get(name).map(|v| v.to_str().expect("ascii").to_owned());
+                assert_eq!(field("server").as_deref(), Some("backend/1"), "{n}");
+                assert_eq!(field("x-repeat").as_deref(), Some("same on every response"));
+                assert_eq!(field("x-n"), Some(n.to_string()), "{n}");
+                assert_eq!(field("x-kind").as_deref(), Some(["odd", "even"][n % 2]));
+                assert_eq!(field("set-cookie"), Some(format!("id={n}")));
+                assert_eq!(
+                    field("x-big"),
+                    n.is_multiple_of(5).then(|| "b".repeat(90 + n))
+                );
+                let body = read_h2_body(&mut response.into_body()).await;
+                assert_eq!(body, format!("body {n}").as_bytes());
+                send = send.ready().await.expect("ready");
+            }
+        };
+        tokio::time::timeout(LIMIT, run)
+            .await
+            .unwrap_or_else(|_| panic!("answered in time (table {table_size:?})"));
+    }
+}

@@ -222,6 +222,7 @@ struct Conn<T, B> {
     settings_seen: bool,
     read_closed: bool,
     decoder: hpack::Decoder,
+    encoder: hpack::Encoder,
     fields: Fields,
     /// The block being assembled from CONTINUATION frames.
     block: BytesMut,
@@ -286,7 +287,8 @@ where
             preface_seen: false,
             settings_seen: false,
             read_closed: false,
-            decoder: hpack::Decoder::new(4096),
+            decoder: hpack::Decoder::new(hpack::DEFAULT_TABLE_SIZE),
+            encoder: hpack::Encoder::new(),
             fields: Fields::new(settings.max_header_list, settings.max_headers),
             block: BytesMut::new(),
             continuing: None,
@@ -576,7 +578,10 @@ where
                     }
                     self.peer_max_frame = value as usize;
                 }
-                // Our encoder uses no dynamic table; the others are advisory.
+                frame::setting::HEADER_TABLE_SIZE => {
+                    self.encoder.set_peer_table_size(value as usize);
+                }
+                // The others are advisory.
                 _ => {}
             }
         }
@@ -905,16 +910,18 @@ where
     fn answer_locally(&mut self, id: u32, status: u16, reason: &'static str, end_stream: bool) {
         let block = &mut self.wbuf;
         let at = frame::start_headers(block);
+        self.encoder.begin_block(block);
         hpack::encode_status(block, status);
-        hpack::encode_field(block, b"sluice-error", reason.as_bytes());
+        self.encoder
+            .field(block, b"sluice-error", reason.as_bytes());
         if status == 405 {
-            hpack::encode_field(
+            self.encoder.field(
                 block,
                 b"allow",
                 b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS",
             );
         }
-        hpack::encode_field(block, b"content-length", b"0");
+        self.encoder.field(block, b"content-length", b"0");
         frame::finish_headers(block, at, id, true, self.peer_max_frame);
         if !end_stream {
             // Nothing more of the request is wanted.
@@ -972,6 +979,7 @@ where
         }
         let block = &mut self.wbuf;
         let at = frame::start_headers(block);
+        self.encoder.begin_block(block);
         hpack::encode_status(block, parts.status.as_u16());
         if let Some(fields) = body.take_encoded_fields() {
             for line in fields.lines.split(|&b| b == b'\n') {
@@ -979,18 +987,18 @@ where
                 if let Some(colon) = line.iter().position(|&b| b == b':') {
                     let value = &line[colon + 1..];
                     let value = value.strip_prefix(b" ").unwrap_or(value);
-                    hpack::encode_field(block, &line[..colon], value);
+                    self.encoder.field(block, &line[..colon], value);
                 }
             }
             if let Some(n) = fields.content_length {
-                hpack::encode_field(
+                self.encoder.field(
                     block,
                     b"content-length",
                     itoa::Buffer::new().format(n).as_bytes(),
                 );
             }
         }
-        encode_map(block, &parts.headers);
+        encode_map(&mut self.encoder, block, &parts.headers);
         let end = body.is_end_stream();
         frame::finish_headers(block, at, id, end, self.peer_max_frame);
         self.answered += 1;
@@ -1072,7 +1080,8 @@ where
                     Err(frame) => {
                         let trailers = frame.into_trailers().unwrap_or_default();
                         let at = frame::start_headers(&mut self.wbuf);
-                        encode_map(&mut self.wbuf, &trailers);
+                        self.encoder.begin_block(&mut self.wbuf);
+                        encode_map(&mut self.encoder, &mut self.wbuf, &trailers);
                         frame::finish_headers(&mut self.wbuf, at, stream.id, true, max_frame);
                         stream.send = Send::Done;
                         return (true, Some(None));
@@ -1181,12 +1190,12 @@ where
 }
 
 /// Encodes a `HeaderMap`'s fields, less those HTTP/2 forbids.
-fn encode_map(block: &mut BytesMut, headers: &HeaderMap) {
+fn encode_map(encoder: &mut hpack::Encoder, block: &mut BytesMut, headers: &HeaderMap) {
     for (name, value) in headers {
         if head::is_connection_specific(name) || name == http::header::TE {
             continue;
         }
-        hpack::encode_field(block, name.as_str().as_bytes(), value.as_bytes());
+        encoder.field(block, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 

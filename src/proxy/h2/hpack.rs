@@ -8,13 +8,14 @@
 //! [`DecodeError`], which HTTP/2 makes a connection error of type
 //! COMPRESSION_ERROR.
 //!
-//! The encoder side ([`encode_status`], [`encode_field`]) deliberately uses
-//! only the static table and "literal without indexing", never the dynamic
-//! table and never Huffman coding. That costs some bytes on the wire but
-//! makes encoding a plain copy: no table to search or keep in step, no bit
-//! packing, and no dependence on the peer's SETTINGS_HEADER_TABLE_SIZE.
-//! HAProxy makes the same choice for the same reasons. Response headers are a
-//! small share of the bytes a load balancer moves, so the trade is cheap.
+//! The [`Encoder`] writes response heads. A field that repeats on a
+//! connection (`server`, `content-type`, `cache-control`, `date` within its
+//! second, a backend's own fields) enters the dynamic table the first time
+//! and is sent as a one- or two-byte index after that; fields that differ
+//! from response to response, or could leak a secret through their
+//! compressed size, stay literals outside the table (see [`Encoder`]). No
+//! Huffman coding: a literal is a plain copy, and a repeated field costs the
+//! peer's decoder a table lookup instead of a copy.
 
 use std::collections::VecDeque;
 
@@ -139,6 +140,10 @@ static STATIC_TABLE: [(&[u8], &[u8]); 61] = [
 
 /// The static table index of `:status` (with value 200), used as a name.
 const STATUS_NAME_INDEX: usize = 8;
+
+/// SETTINGS_HEADER_TABLE_SIZE's initial value (RFC 9113 6.5.2): the dynamic
+/// table size either side may use until the other says otherwise.
+pub const DEFAULT_TABLE_SIZE: usize = 4096;
 
 /// Per-entry overhead counted in a dynamic table's size (RFC 7541 4.1).
 const ENTRY_OVERHEAD: usize = 32;
@@ -405,6 +410,28 @@ impl DynamicTable {
             .ok_or(DecodeError::IndexOutOfRange)
     }
 
+    /// The position (0 = newest) of the first entry that is exactly `name`
+    /// and `value`, and, when `want_name`, of the first whose name is
+    /// `name`. Entries of other lengths are passed over without a compare.
+    fn find(&self, name: &[u8], value: &[u8], want_name: bool) -> (Option<usize>, Option<usize>) {
+        let mut named = None;
+        let len = name.len() + value.len();
+        for (i, entry) in self.entries.iter().enumerate() {
+            if entry.name_len != name.len() || (!want_name && entry.bytes.len() != len) {
+                continue;
+            }
+            let (n, v) = entry.parts();
+            if n != name {
+                continue;
+            }
+            if v == value {
+                return (Some(i), named.or(Some(i)));
+            }
+            named = named.or(Some(i));
+        }
+        (None, named)
+    }
+
     /// Adds `entry`, evicting the oldest entries to make room; an entry larger
     /// than the whole table empties it and is not added (RFC 7541 4.4).
     fn insert(&mut self, entry: Entry) {
@@ -453,6 +480,8 @@ pub fn encode_status(buf: &mut bytes::BytesMut, status: u16) {
             let mut digits = itoa::Buffer::new();
             encode_literal(
                 buf,
+                0x00,
+                4,
                 STATUS_NAME_INDEX,
                 b"",
                 digits.format(status).as_bytes(),
@@ -463,32 +492,190 @@ pub fn encode_status(buf: &mut bytes::BytesMut, status: u16) {
     buf.put_u8(0x80 | index);
 }
 
-/// Appends one field as a "literal header field without indexing" (RFC 7541
-/// 6.2.2): with the static table's name index when the name is in the static
-/// table, else a literal name. `name` may be in any ASCII case (an HTTP/1.1
-/// backend's "Content-Type"); it is written lower-case, as HTTP/2 requires. No
-/// Huffman coding, no dynamic table (so the peer's SETTINGS_HEADER_TABLE_SIZE
-/// never matters to us).
-pub fn encode_field(buf: &mut bytes::BytesMut, name: &[u8], value: &[u8]) {
-    encode_literal(buf, static_name_index(name).unwrap_or(0), name, value);
+/// The largest dynamic table the encoder keeps, whatever larger size the
+/// peer would allow: HTTP/2's default, and many times what a response's
+/// repeated fields take.
+const ENCODER_TABLE_MAX: usize = 4096;
+
+/// Names longer than this are written as literals and never enter the table
+/// (the encoder lower-cases a name on the stack to look it up).
+const ENCODER_NAME_MAX: usize = 64;
+
+/// HPACK encoder: one per connection, for the response heads we send.
+///
+/// A field the dynamic table holds goes out as its one- or two-byte index. A
+/// field that is likely to repeat on the connection (`server`,
+/// `content-type`, `cache-control`, `date` within its second, a backend's
+/// own fields) goes out as a literal with incremental indexing and enters the
+/// table. Fields that differ from response to response (`content-length`,
+/// `etag`, `location`, `age`, `last-modified`) or that could leak a secret
+/// by their compressed size (`set-cookie`, marked never indexed) stay
+/// literals outside the table, so they neither evict the useful entries nor
+/// cost an insertion. No Huffman coding: a literal is a copy.
+pub struct Encoder {
+    table: DynamicTable,
+    /// Dynamic table size updates the next block must start with (RFC 7541
+    /// 4.2): the smallest size since the last block, then the current one.
+    pending_update: Option<(usize, usize)>,
 }
 
-/// Writes a literal without indexing: name index `name_index`, or when it is
-/// 0 the literal `name` lower-cased, then the raw `value`.
-fn encode_literal(buf: &mut BytesMut, name_index: usize, name: &[u8], value: &[u8]) {
+impl Default for Encoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How the encoder writes a field it does not find in its table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Indexing {
+    /// Literal with incremental indexing: the field enters the table.
+    Incremental,
+    /// Literal without indexing.
+    Without,
+    /// Literal never indexed: intermediaries must not index it either.
+    Never,
+}
+
+impl Encoder {
+    /// An encoder for a peer whose SETTINGS_HEADER_TABLE_SIZE is still the
+    /// default (4096).
+    pub fn new() -> Self {
+        Self {
+            table: DynamicTable::new(ENCODER_TABLE_MAX.min(DEFAULT_TABLE_SIZE)),
+            pending_update: None,
+        }
+    }
+
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE is now `size`: the table shrinks
+    /// at once (evicting what no longer fits), and the next block tells the
+    /// peer's decoder.
+    pub fn set_peer_table_size(&mut self, size: usize) {
+        let size = size.min(ENCODER_TABLE_MAX);
+        self.table.set_capacity(size);
+        let low = self.pending_update.map_or(size, |(low, _)| low.min(size));
+        self.pending_update = Some((low, size));
+    }
+
+    /// Starts a header block: writes the size updates owed to the peer.
+    pub fn begin_block(&mut self, buf: &mut BytesMut) {
+        if let Some((low, size)) = self.pending_update.take() {
+            encode_int(buf, 0x20, 5, low);
+            if size != low {
+                encode_int(buf, 0x20, 5, size);
+            }
+        }
+    }
+
+    /// Appends one field. `name` may be in any ASCII case (an HTTP/1.1
+    /// backend's "Content-Type"); it is written lower-case, as HTTP/2
+    /// requires.
+    pub fn field(&mut self, buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+        let mut stack = [0u8; ENCODER_NAME_MAX];
+        let Some(lower) = lower_case(&mut stack, name) else {
+            encode_literal(buf, 0x00, 4, 0, name, value);
+            return;
+        };
+        let static_index = static_index_of_lower(lower);
+        let (pattern, prefix_bits) = match indexing(static_index, lower, value, self.table.capacity)
+        {
+            Indexing::Incremental => (0x40, 6),
+            // Kept out of the table, so not looked for in it.
+            Indexing::Without => (0x00, 4),
+            Indexing::Never => (0x10, 4),
+        };
+        let mut name_index = static_index.unwrap_or(0);
+        if pattern == 0x40 {
+            let (exact, named) = self.table.find(lower, value, static_index.is_none());
+            if let Some(i) = exact {
+                encode_int(buf, 0x80, 7, STATIC_TABLE.len() + 1 + i);
+                return;
+            }
+            if let Some(i) = named {
+                name_index = STATIC_TABLE.len() + 1 + i;
+            }
+        }
+        encode_literal(buf, pattern, prefix_bits, name_index, lower, value);
+        if pattern == 0x40 {
+            self.table.insert(Entry::new(lower, value));
+        }
+    }
+}
+
+/// Whether a field not in the table should enter it. The names it keeps out
+/// are all in the static table, so `static_index` decides: no string
+/// compare.
+fn indexing(
+    static_index: Option<usize>,
+    lower_name: &[u8],
+    value: &[u8],
+    capacity: usize,
+) -> Indexing {
+    match static_index {
+        // authorization, cookie, proxy-authorization, set-cookie.
+        Some(23 | 32 | 49 | 55) => Indexing::Never,
+        // :path, age, content-length, content-range, etag, last-modified,
+        // location.
+        Some(4 | 21 | 28 | 30 | 34 | 44 | 46) => Indexing::Without,
+        // An entry that would take most of the table would evict everything
+        // else for one field.
+        _ if (lower_name.len() + value.len() + ENTRY_OVERHEAD).saturating_mul(4)
+            > capacity.saturating_mul(3) =>
+        {
+            Indexing::Without
+        }
+        _ => Indexing::Incremental,
+    }
+}
+
+/// `name` lower-cased into `stack`, or `None` when it is longer than
+/// `stack`. Eight bytes at a time: a name's case is folded with a few word
+/// operations instead of a branch per byte (the rest of the name's last word
+/// is folded too, and not returned; bytes of 0x80 and up are left as they
+/// are).
+fn lower_case<'s>(stack: &'s mut [u8; ENCODER_NAME_MAX], name: &[u8]) -> Option<&'s [u8]> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES * 0x80;
+    stack.get_mut(..name.len())?.copy_from_slice(name);
+    let words = name.len().div_ceil(8) * 8;
+    for chunk in stack[..words].chunks_exact_mut(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let low7 = x & !HIGH;
+        // Each byte's top bit: set when its low seven bits are at least
+        // 'A', and when they are above 'Z'; no carry crosses a byte.
+        let ge_a = low7 + ONES * u64::from(0x80 - b'A');
+        let gt_z = low7 + ONES * u64::from(0x80 - b'Z' - 1);
+        let upper = ge_a & !gt_z & !x & HIGH;
+        chunk.copy_from_slice(&(x | (upper >> 2)).to_le_bytes());
+    }
+    stack.get(..name.len())
+}
+
+/// Writes a literal field under `pattern` with a `prefix_bits`-bit name
+/// index (RFC 7541 6.2): name index `name_index`, or when it is 0 the
+/// literal `name` lower-cased, then the raw `value`.
+fn encode_literal(
+    buf: &mut BytesMut,
+    pattern: u8,
+    prefix_bits: u32,
+    name_index: usize,
+    name: &[u8],
+    value: &[u8],
+) {
     // Two integers of at most 11 bytes each.
     buf.reserve(name.len().saturating_add(value.len()).saturating_add(21));
     if name_index != 0 {
         // The common case, in one copy: name index and value length
         // assembled on the stack.
         let mut head = [0u8; 20];
-        let n = int_bytes(&mut head, 0x00, 4, name_index);
+        let n = int_bytes(&mut head, pattern, prefix_bits, name_index);
         let m = int_bytes(&mut head[n..], 0x00, 7, value.len());
         buf.extend_from_slice(&head[..n + m]);
         buf.extend_from_slice(value);
         return;
     }
-    encode_int(buf, 0x00, 4, 0);
+    encode_int(buf, pattern, prefix_bits, 0);
     encode_int(buf, 0x00, 7, name.len());
     buf.extend(name.iter().map(u8::to_ascii_lowercase));
     encode_int(buf, 0x00, 7, value.len());
@@ -514,16 +701,10 @@ fn int_bytes(out: &mut [u8], pattern: u8, prefix_bits: u32, value: usize) -> usi
     n + 1
 }
 
-/// The first static table index whose name is `name`, ignoring ASCII case:
-/// the name lower-cased on the stack, then one `match` (a length switch and
-/// a compare), not a scan of the table per field.
-fn static_name_index(name: &[u8]) -> Option<usize> {
-    let mut buf = [0u8; LONGEST_STATIC_NAME];
-    let lower = buf.get_mut(..name.len())?;
-    for (l, b) in lower.iter_mut().zip(name) {
-        *l = b.to_ascii_lowercase();
-    }
-    Some(match &*lower {
+/// The first static table index whose name is `lower`, a lower-case name:
+/// one `match` (a length switch and a compare).
+fn static_index_of_lower(lower: &[u8]) -> Option<usize> {
+    Some(match lower {
         b":authority" => 1,
         b":method" => 2,
         b":path" => 4,
@@ -579,9 +760,6 @@ fn static_name_index(name: &[u8]) -> Option<usize> {
         _ => return None,
     })
 }
-
-/// The longest name in the static table.
-const LONGEST_STATIC_NAME: usize = 27;
 
 /// Writes `value` as an HPACK integer with a `prefix_bits`-bit prefix (4 to
 /// 7) under the representation's pattern bits `pattern` (RFC 7541 5.1).
@@ -1100,60 +1278,188 @@ mod tests {
         assert_eq!(encode(|b| encode_status(b, 999)), b"\x08\x03999");
     }
 
-    #[test]
-    fn encode_field_with_a_static_name() {
-        // content-type is index 31: 15 in the prefix, then 16.
-        assert_eq!(
-            encode(|b| encode_field(b, b"content-type", b"text/plain")),
-            b"\x0f\x10\x0atext/plain"
-        );
-        // Index 4 fits in the prefix; the first index of a repeated name.
-        assert_eq!(encode(|b| encode_field(b, b":path", b"/x")), b"\x04\x02/x");
-        assert_eq!(encode(|b| encode_field(b, b"age", b"")), b"\x0f\x06\x00");
+    /// Encodes fields with a fresh encoder.
+    fn fresh(list: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut e = Encoder::new();
+        encode(|b| {
+            for (n, v) in list {
+                e.field(b, n, v);
+            }
+        })
     }
 
     #[test]
-    fn encode_field_with_an_unknown_name() {
-        assert_eq!(
-            encode(|b| encode_field(b, b"x-trace", b"1")),
-            b"\x00\x07x-trace\x011"
-        );
+    fn a_repeating_field_enters_the_table_and_is_indexed_after() {
+        let mut e = Encoder::new();
+        // content-type is static index 31: literal with incremental
+        // indexing, 31 in its 6-bit prefix.
+        let first = encode(|b| e.field(b, b"content-type", b"text/plain"));
+        assert_eq!(first, b"\x5f\x0atext/plain");
+        // Then it is dynamic index 62.
+        let again = encode(|b| e.field(b, b"Content-Type", b"text/plain"));
+        assert_eq!(again, [0x80 | 62]);
+        // A new value of the same name also enters; the old entry is 63 now.
+        let html = encode(|b| e.field(b, b"content-type", b"text/html"));
+        assert_eq!(html, b"\x5f\x09text/html");
+        let old = encode(|b| e.field(b, b"content-type", b"text/plain"));
+        assert_eq!(old, [0x80 | 63]);
+    }
+
+    #[test]
+    fn an_unknown_name_enters_and_later_values_use_its_index() {
+        let mut e = Encoder::new();
+        let first = encode(|b| e.field(b, b"X-Trace", b"1"));
+        assert_eq!(first, b"\x40\x07x-trace\x011");
+        // Another value: the name is dynamic index 62 (6-bit prefix).
+        let second = encode(|b| e.field(b, b"x-trace", b"2"));
+        assert_eq!(second, b"\x7e\x012");
+    }
+
+    #[test]
+    fn fields_that_differ_per_response_stay_out_of_the_table() {
+        // Index 4 and 21 fit in the 4-bit prefix after 15: literal without
+        // indexing.
+        assert_eq!(fresh(&[(b":path", b"/x")]), b"\x04\x02/x");
+        assert_eq!(fresh(&[(b"age", b"")]), b"\x0f\x06\x00");
+        for name in [
+            &b"content-length"[..],
+            b"etag",
+            b"last-modified",
+            b"location",
+            b"content-range",
+        ] {
+            let mut e = Encoder::new();
+            let one = encode(|b| e.field(b, name, b"7"));
+            let two = encode(|b| e.field(b, name, b"7"));
+            assert_eq!(one, two, "{:?}", std::str::from_utf8(name));
+            assert_eq!(one[0] & 0xf0, 0x00, "{:?}", std::str::from_utf8(name));
+            assert!(e.table.entries.is_empty());
+        }
+    }
+
+    #[test]
+    fn secrets_are_never_indexed() {
+        for name in [&b"set-cookie"[..], b"Authorization", b"cookie"] {
+            let mut e = Encoder::new();
+            let one = encode(|b| e.field(b, name, b"id=1"));
+            assert_eq!(one[0] & 0xf0, 0x10, "{:?}", std::str::from_utf8(name));
+            assert_eq!(one, encode(|b| e.field(b, name, b"id=1")));
+            assert!(e.table.entries.is_empty());
+        }
+        assert_eq!(fresh(&[(b"x", b"")])[0], 0x40);
+    }
+
+    #[test]
+    fn a_field_larger_than_most_of_the_table_is_not_indexed() {
+        let big = vec![b'v'; 3100];
+        let mut e = Encoder::new();
+        let out = encode(|b| e.field(b, b"x-big", &big));
+        assert_eq!(out[0], 0x00);
+        assert!(e.table.entries.is_empty());
+        let mut d = Decoder::new(DEFAULT_TABLE_SIZE);
+        assert_eq!(decode(&mut d, &out).unwrap(), [(b"x-big".to_vec(), big)]);
+    }
+
+    #[test]
+    fn a_long_name_is_a_literal() {
+        let name = vec![b'N'; ENCODER_NAME_MAX + 1];
+        let out = fresh(&[(&name, b"v")]);
+        assert_eq!(out[..3], [0x00, 0x41, b'n']);
+        assert_eq!(out[out.len() - 2..], [0x01, b'v']);
+    }
+
+    #[test]
+    fn names_are_lower_cased_a_word_at_a_time() {
+        let mut stack = [0u8; ENCODER_NAME_MAX];
+        for name in [
+            &b""[..],
+            b"A",
+            b"Content-Type",
+            b"X-Forwarded-For-Something-Long",
+            b"@AZ[`az{",
+            b"\xc1\xda\x80\xff-Mixed",
+            &[b'Z'; ENCODER_NAME_MAX],
+        ] {
+            let stack = &mut stack;
+            *stack = [0; ENCODER_NAME_MAX];
+            assert_eq!(
+                lower_case(stack, name).unwrap(),
+                name.to_ascii_lowercase(),
+                "{name:?}"
+            );
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        for chunk in all.chunks(ENCODER_NAME_MAX) {
+            let mut stack = [0u8; ENCODER_NAME_MAX];
+            assert_eq!(
+                lower_case(&mut stack, chunk).unwrap(),
+                chunk.to_ascii_lowercase()
+            );
+        }
+        assert!(lower_case(&mut stack, &[b'a'; ENCODER_NAME_MAX + 1]).is_none());
     }
 
     #[test]
     fn static_name_lookup_agrees_with_the_table() {
-        for (i, (name, _)) in STATIC_TABLE.iter().enumerate() {
+        for (name, _) in STATIC_TABLE.iter() {
             let first = STATIC_TABLE.iter().position(|(n, _)| n == name).unwrap() + 1;
-            assert_eq!(static_name_index(name), Some(first), "{:?}", name);
-            let upper = name.to_ascii_uppercase();
-            assert_eq!(static_name_index(&upper), Some(first), "index {}", i + 1);
+            assert_eq!(static_index_of_lower(name), Some(first), "{:?}", name);
         }
-        assert_eq!(static_name_index(b"x-custom"), None);
-        assert_eq!(static_name_index(&[b'a'; 100]), None);
-        assert_eq!(static_name_index(b""), None);
+        assert_eq!(static_index_of_lower(b"x-custom"), None);
+        assert_eq!(static_index_of_lower(&[b'a'; 100]), None);
+        assert_eq!(static_index_of_lower(b""), None);
     }
 
     #[test]
-    fn encode_field_lower_cases_the_name() {
-        assert_eq!(
-            encode(|b| encode_field(b, b"Content-Type", b"Text/Plain")),
-            b"\x0f\x10\x0aText/Plain"
-        );
-        assert_eq!(
-            encode(|b| encode_field(b, b"X-Trace-ID", b"A")),
-            b"\x00\x0ax-trace-id\x01A"
-        );
-    }
-
-    #[test]
-    fn encode_field_with_a_long_value() {
+    fn a_long_value_has_a_multi_byte_length() {
         let value = vec![b'v'; 300];
-        let out = encode(|b| encode_field(b, b"x", &value));
+        let out = fresh(&[(b"x", &value)]);
         // 300 = 127 + 173 and 173 = 45 + 128: 0x7f, then 45 with the
         // continuation bit (0xad), then 1.
-        assert_eq!(out[..5], [0x00, 0x01, b'x', 0x7f, 0xad]);
+        assert_eq!(out[..5], [0x40, 0x01, b'x', 0x7f, 0xad]);
         assert_eq!(out[5], 0x01);
         assert_eq!(out[6..], value[..]);
+    }
+
+    #[test]
+    fn a_smaller_peer_table_is_announced_and_used() {
+        let mut e = Encoder::new();
+        let mut d = Decoder::new(DEFAULT_TABLE_SIZE);
+        let block = encode(|b| {
+            e.begin_block(b);
+            e.field(b, b"server", b"a");
+        });
+        assert_eq!(block[0], 0x40 | 54);
+        decode(&mut d, &block).unwrap();
+        // The peer lowers its table to 0, then allows 100: both updates,
+        // smallest first, and the entry is gone on both sides.
+        e.set_peer_table_size(0);
+        e.set_peer_table_size(100);
+        assert!(e.table.entries.is_empty());
+        let block = encode(|b| {
+            e.begin_block(b);
+            e.field(b, b"server", b"a");
+            e.field(b, b"server", b"a");
+        });
+        assert_eq!(block[..4], [0x20, 0x3f, 0x45, 0x40 | 54]);
+        assert_eq!(block[block.len() - 1], 0x80 | 62);
+        assert_eq!(
+            decode(&mut d, &block).unwrap(),
+            fields(&[("server", "a"), ("server", "a")])
+        );
+        // Nothing owed for the next block; a peer table larger than ours
+        // leaves us at our maximum.
+        assert_eq!(encode(|b| e.begin_block(b)), b"");
+        e.set_peer_table_size(1 << 20);
+        assert_eq!(e.table.capacity, ENCODER_TABLE_MAX);
+        // A table of 0 indexes nothing.
+        e.set_peer_table_size(0);
+        let block = encode(|b| {
+            e.begin_block(b);
+            e.field(b, b"server", b"a");
+        });
+        assert_eq!(block[..2], [0x20, 0x0f]);
+        assert!(e.table.entries.is_empty());
     }
 
     // Properties.
@@ -1266,13 +1572,69 @@ mod tests {
                 encode_status(&mut buf, status);
                 want.push((b":status".to_vec(), status.to_string().into_bytes()));
             }
+            let mut e = Encoder::new();
             for (n, v) in &list {
-                encode_field(&mut buf, n, v);
+                e.field(&mut buf, n, v);
                 want.push((n.to_ascii_lowercase(), v.clone()));
             }
-            let mut d = Decoder::new(4096);
+            let mut d = Decoder::new(DEFAULT_TABLE_SIZE);
             prop_assert_eq!(decode(&mut d, &buf).unwrap(), want);
-            prop_assert_eq!(d.table.size, 0);
+        }
+
+        /// Many blocks on one connection, with fields that repeat, evict
+        /// each other and change the peer's table size between blocks:
+        /// the peer's decoder always reads back what was encoded, and its
+        /// table holds what the encoder's holds.
+        #[test]
+        fn an_encoder_and_a_decoder_stay_in_step(
+            blocks in proptest::collection::vec(
+                (
+                    proptest::option::of(0usize..5000),
+                    proptest::collection::vec(
+                        (
+                            prop_oneof![
+                                Just(b"server".to_vec()),
+                                Just(b"Content-Type".to_vec()),
+                                Just(b"x-a".to_vec()),
+                                Just(b"set-cookie".to_vec()),
+                                Just(b"etag".to_vec()),
+                                name(),
+                            ],
+                            prop_oneof![
+                                Just(b"a".to_vec()),
+                                Just(b"b".to_vec()),
+                                proptest::collection::vec(any::<u8>(), 0..1500),
+                            ],
+                        ),
+                        0..10,
+                    ),
+                ),
+                1..12,
+            ),
+        ) {
+            let mut e = Encoder::new();
+            let mut d = Decoder::new(ENCODER_TABLE_MAX);
+            for (size, list) in blocks {
+                if let Some(size) = size {
+                    e.set_peer_table_size(size);
+                }
+                let mut buf = BytesMut::new();
+                e.begin_block(&mut buf);
+                let mut want = Fields::new();
+                for (n, v) in &list {
+                    e.field(&mut buf, n, v);
+                    want.push((n.to_ascii_lowercase(), v.clone()));
+                }
+                prop_assert_eq!(decode(&mut d, &buf).unwrap(), want);
+                let ours: Fields = e
+                    .table
+                    .entries
+                    .iter()
+                    .map(|x| (x.parts().0.to_vec(), x.parts().1.to_vec()))
+                    .collect();
+                prop_assert_eq!(table(&d), ours);
+                prop_assert!(e.table.size <= e.table.capacity);
+            }
         }
     }
 }
