@@ -16,9 +16,12 @@
 //!   out.
 //!
 //! Choices worth knowing:
-//! * Responses are encoded without the dynamic table and without Huffman
-//!   coding: encoding costs a copy, and the client's table size never
-//!   matters. Requests are decoded in full.
+//! * Response fields that repeat on a connection enter HPACK's dynamic
+//!   table and are sent as an index after their first response; fields that
+//!   change per response stay literals, and `set-cookie` and credentials are
+//!   never indexed. No Huffman coding: a literal is a copy. The client's
+//!   SETTINGS_HEADER_TABLE_SIZE is honoured (at most 4 KiB is used).
+//!   Requests are decoded in full.
 //! * A malformed request (RFC 9113 section 8.1.1) is reset with
 //!   PROTOCOL_ERROR and counted as a 400; one over the header list size we
 //!   advertise gets a generated 431; plain `CONNECT` gets 405, as on
