@@ -509,7 +509,8 @@ const ENCODER_NAME_MAX: usize = 64;
 /// own fields) goes out as a literal with incremental indexing and enters the
 /// table. Fields that differ from response to response (`content-length`,
 /// `etag`, `location`, `age`, `last-modified`) or that could leak a secret
-/// by their compressed size (`set-cookie`, marked never indexed) stay
+/// by their compressed size (`set-cookie`, `cookie` and the credentials,
+/// marked never indexed) stay
 /// literals outside the table, so they neither evict the useful entries nor
 /// cost an insertion. No Huffman coding: a literal is a copy.
 pub struct Encoder {
@@ -576,15 +577,10 @@ impl Encoder {
             return;
         };
         let static_index = static_index_of_lower(lower);
-        let (pattern, prefix_bits) = match indexing(static_index, lower, value, self.table.capacity)
-        {
-            Indexing::Incremental => (0x40, 6),
-            // Kept out of the table, so not looked for in it.
-            Indexing::Without => (0x00, 4),
-            Indexing::Never => (0x10, 4),
-        };
+        let how = indexing(static_index, lower, value, self.table.capacity);
         let mut name_index = static_index.unwrap_or(0);
-        if pattern == 0x40 {
+        // Fields kept out of the table are not looked for in it.
+        if how == Indexing::Incremental {
             let (exact, named) = self.table.find(lower, value, static_index.is_none());
             if let Some(i) = exact {
                 encode_int(buf, 0x80, 7, STATIC_TABLE.len() + 1 + i);
@@ -594,8 +590,13 @@ impl Encoder {
                 name_index = STATIC_TABLE.len() + 1 + i;
             }
         }
+        let (pattern, prefix_bits) = match how {
+            Indexing::Incremental => (0x40, 6),
+            Indexing::Without => (0x00, 4),
+            Indexing::Never => (0x10, 4),
+        };
         encode_literal(buf, pattern, prefix_bits, name_index, lower, value);
-        if pattern == 0x40 {
+        if how == Indexing::Incremental {
             self.table.insert(Entry::new(lower, value));
         }
     }
@@ -1317,8 +1318,8 @@ mod tests {
 
     #[test]
     fn fields_that_differ_per_response_stay_out_of_the_table() {
-        // Index 4 and 21 fit in the 4-bit prefix after 15: literal without
-        // indexing.
+        // Literals without indexing: index 4 fits in the 4-bit prefix, 21
+        // is 15 in it and 6 after.
         assert_eq!(fresh(&[(b":path", b"/x")]), b"\x04\x02/x");
         assert_eq!(fresh(&[(b"age", b"")]), b"\x0f\x06\x00");
         for name in [
