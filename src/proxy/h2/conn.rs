@@ -909,8 +909,7 @@ where
     /// Answers a request Sluice refuses itself (no body).
     fn answer_locally(&mut self, id: u32, status: u16, reason: &'static str, end_stream: bool) {
         let block = &mut self.wbuf;
-        let at = frame::start_headers(block);
-        self.encoder.begin_block(block);
+        let at = start_block(&mut self.encoder, block);
         hpack::encode_status(block, status);
         self.encoder
             .field(block, b"sluice-error", reason.as_bytes());
@@ -978,8 +977,7 @@ where
             return;
         }
         let block = &mut self.wbuf;
-        let at = frame::start_headers(block);
-        self.encoder.begin_block(block);
+        let at = start_block(&mut self.encoder, block);
         hpack::encode_status(block, parts.status.as_u16());
         if let Some(fields) = body.take_encoded_fields() {
             for line in fields.lines.split(|&b| b == b'\n') {
@@ -1079,8 +1077,7 @@ where
                     Ok(data) => *pending = Some(data),
                     Err(frame) => {
                         let trailers = frame.into_trailers().unwrap_or_default();
-                        let at = frame::start_headers(&mut self.wbuf);
-                        self.encoder.begin_block(&mut self.wbuf);
+                        let at = start_block(&mut self.encoder, &mut self.wbuf);
                         encode_map(&mut self.encoder, &mut self.wbuf, &trailers);
                         frame::finish_headers(&mut self.wbuf, at, stream.id, true, max_frame);
                         stream.send = Send::Done;
@@ -1187,6 +1184,16 @@ where
         buffers::give(std::mem::take(&mut self.rbuf));
         buffers::give(std::mem::take(&mut self.wbuf));
     }
+}
+
+/// Starts a HEADERS frame in `buf` and its header block with the table size
+/// updates the encoder owes the client; every block we send starts here, so
+/// none can miss them. Returns where the frame starts, for
+/// `frame::finish_headers`.
+fn start_block(encoder: &mut hpack::Encoder, buf: &mut BytesMut) -> usize {
+    let at = frame::start_headers(buf);
+    encoder.begin_block(buf);
+    at
 }
 
 /// Encodes a `HeaderMap`'s fields, less those HTTP/2 forbids.

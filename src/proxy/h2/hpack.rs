@@ -510,9 +510,9 @@ const ENCODER_NAME_MAX: usize = 64;
 /// table. Fields that differ from response to response (`content-length`,
 /// `etag`, `location`, `age`, `last-modified`) or that could leak a secret
 /// by their compressed size (`set-cookie`, `cookie` and the credentials,
-/// marked never indexed) stay
-/// literals outside the table, so they neither evict the useful entries nor
-/// cost an insertion. No Huffman coding: a literal is a copy.
+/// marked never indexed) stay literals outside the table, so they neither
+/// evict the useful entries nor cost an insertion. No Huffman coding: a
+/// literal is a copy.
 pub struct Encoder {
     table: DynamicTable,
     /// Dynamic table size updates the next block must start with (RFC 7541
@@ -808,8 +808,12 @@ mod tests {
 
     /// The dynamic table's entries, newest first.
     fn table(decoder: &Decoder) -> Fields {
-        decoder
-            .table
+        entries(&decoder.table)
+    }
+
+    /// A dynamic table's entries, newest first.
+    fn entries(table: &DynamicTable) -> Fields {
+        table
             .entries
             .iter()
             .map(|e| {
@@ -1381,10 +1385,8 @@ mod tests {
             b"\xc1\xda\x80\xff-Mixed",
             &[b'Z'; ENCODER_NAME_MAX],
         ] {
-            let stack = &mut stack;
-            *stack = [0; ENCODER_NAME_MAX];
             assert_eq!(
-                lower_case(stack, name).unwrap(),
+                lower_case(&mut stack, name).unwrap(),
                 name.to_ascii_lowercase(),
                 "{name:?}"
             );
@@ -1627,13 +1629,7 @@ mod tests {
                     want.push((n.to_ascii_lowercase(), v.clone()));
                 }
                 prop_assert_eq!(decode(&mut d, &buf).unwrap(), want);
-                let ours: Fields = e
-                    .table
-                    .entries
-                    .iter()
-                    .map(|x| (x.parts().0.to_vec(), x.parts().1.to_vec()))
-                    .collect();
-                prop_assert_eq!(table(&d), ours);
+                prop_assert_eq!(table(&d), entries(&e.table));
                 prop_assert!(e.table.size <= e.table.capacity);
             }
         }
