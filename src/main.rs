@@ -70,8 +70,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(cli.log_format, config.log.format);
-            let workers = config.runtime.workers;
-            let rt = match build_runtime(workers) {
+            let rt = match build_runtime() {
                 Ok(rt) => rt,
                 Err(err) => {
                     tracing::error!(error = %err, "cannot start the runtime");
@@ -82,7 +81,7 @@ fn main() -> ExitCode {
         }
         Command::Demo => {
             init_tracing(cli.log_format, LogFormat::Text);
-            let rt = match build_runtime(0) {
+            let rt = match build_runtime() {
                 Ok(rt) => rt,
                 Err(err) => {
                     tracing::error!(error = %err, "cannot start the runtime");
@@ -135,21 +134,13 @@ fn announce_ready(running: &runtime::Running) {
     tracing::info!(listeners = %listeners, admin = %running.admin, "ready");
 }
 
-/// One worker runs everything on the main thread with tokio's
-/// single-threaded scheduler: no second thread, and no work-stealing
-/// bookkeeping on every wake-up. More workers share the connections
-/// through the multi-threaded one.
-fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if workers > 0 {
-            builder.worker_threads(workers);
-        }
-        builder
-    };
-    builder.enable_all().build()
+/// The main thread's runtime: worker 0, which also runs the control plane.
+/// `runtime::run` starts the other workers, each on a thread of its own
+/// with its own single-threaded runtime (see `sluice::runtime::workers`).
+fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn init_tracing(flag: Option<FormatArg>, from_config: LogFormat) {

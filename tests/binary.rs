@@ -139,8 +139,8 @@ fn threads(proc: &Proc) -> usize {
 
 /// `workers = 1` runs every connection, HTTP/1.1 and HTTP/2, on the
 /// process's one thread, as HAProxy's `nbthread 1` does; it still reloads
-/// and stops gracefully. `workers = 2` runs two worker threads beside the
-/// main one.
+/// and stops gracefully. `workers = 2` runs one worker thread beside the
+/// main one (worker 0), and the kernel spreads connections over both.
 #[test]
 fn one_worker_serves_everything_on_one_thread() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -172,11 +172,33 @@ fn one_worker_serves_everything_on_one_thread() {
     assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
 
     let two = Proc::start(&format!("[runtime]\nworkers = 2\n\n{cfg}"));
-    assert_eq!(rt.block_on(get(two.addr("web"), "/")).body, "a");
+    const CONNECTIONS: usize = 40;
+    let metrics = rt.block_on(async {
+        for _ in 0..CONNECTIONS {
+            assert_eq!(get(two.addr("web"), "/").await.body, "a");
+        }
+        get(two.admin, "/metrics").await.body
+    });
     assert_eq!(
         threads(&two),
-        3,
-        "workers = 2: the main thread and two workers"
+        2,
+        "workers = 2: the main thread and one more worker"
+    );
+    let served: Vec<usize> = ["0", "1"]
+        .iter()
+        .map(|w| {
+            let series = format!("sluice_worker_connections_total{{worker=\"{w}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {series}in\n{metrics}"))
+        })
+        .collect();
+    assert_eq!(served.iter().sum::<usize>(), CONNECTIONS, "{served:?}");
+    assert!(
+        served.iter().all(|&n| n > 0),
+        "one worker took every connection: {served:?}"
     );
 }
 

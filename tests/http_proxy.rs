@@ -705,7 +705,8 @@ async fn demo_config_serves_three_distinct_backends() {
 #[tokio::test]
 async fn backend_connections_are_kept_alive_and_reused() {
     let a = Backend::start("a").await;
-    let proxy = start_proxy(&simple_config(&[&a], "")).await;
+    let config = format!("[runtime]\nworkers = 1\n\n{}", simple_config(&[&a], ""));
+    let proxy = start_proxy(&config).await;
     let addr = proxy.listener_addr("web").expect("bound");
     for _ in 0..20 {
         // A new client connection each time: the backend side is pooled.
@@ -717,6 +718,33 @@ async fn backend_connections_are_kept_alive_and_reused() {
         1,
         "one pooled backend connection served every request"
     );
+}
+
+/// With two workers, client connections are spread over both, and each
+/// worker keeps its own pooled backend connection: two at most, however
+/// many requests.
+#[tokio::test]
+async fn each_worker_reuses_its_own_backend_connections() {
+    let a = Backend::start("a").await;
+    let config = format!("[runtime]\nworkers = 2\n\n{}", simple_config(&[&a], ""));
+    let proxy = start_proxy(&config).await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    for _ in 0..40 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    assert_eq!(a.hits(), 40);
+    let conns = a.conns();
+    assert!((1..=2).contains(&conns), "{conns} backend connections");
+    let m = admin_get(&proxy, "/metrics").await.body;
+    for worker in ["0", "1"] {
+        let series = format!("sluice_worker_connections_total{{worker=\"{worker}\"}} ");
+        let served: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in\n{m}"));
+        assert!(served > 0, "worker {worker} took no connection:\n{m}");
+    }
 }
 
 #[tokio::test]

@@ -452,9 +452,10 @@ async fn backends_that_stay_keep_health_circuit_counters_and_pooled_connections(
         Backend::start("d").await,
     );
     let h = Backend::start("h").await;
+    // One worker: its one pool holds every backend connection.
     let config = |app: &str, interval: &str| {
         format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+            "[runtime]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
              [[listener.route]]\nheaders = {{ \"x-checked\" = \"1\" }}\nupstream = \"checked\"\n\n\
              [[upstream]]\nname = \"app\"\n{app}\n\

@@ -71,9 +71,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// One worker: these tests count the backend connections its one pool
+/// opens and reuses, whichever client connection a request came on.
 fn config(backend: SocketAddr) -> String {
     format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
+        "[runtime]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{backend}\"]\n"
     )
 }

@@ -68,6 +68,7 @@ struct Families {
     downstream_active: IntGaugeVec,
     downstream_parked: IntGaugeVec,
     downstream_total: IntCounterVec,
+    worker_connections: IntCounterVec,
     tcp_bytes: IntCounterVec,
     protocol_errors: IntCounterVec,
     tls_reloads: IntCounterVec,
@@ -431,6 +432,11 @@ impl Metrics {
                 "Client connections accepted or rejected at accept",
                 &["listener", "result"],
             ),
+            worker_connections: counter(
+                "sluice_worker_connections_total",
+                "Client connections accepted and served, by the worker thread that took them",
+                &["worker"],
+            ),
             tcp_bytes: counter(
                 "sluice_tcp_bytes_total",
                 "Bytes moved by TCP listeners: rx from clients, tx to clients",
@@ -521,6 +527,14 @@ impl Metrics {
             registry,
             families: Arc::new(families),
         }
+    }
+
+    /// `sluice_worker_connections_total` of worker `worker`. Workers are
+    /// fixed for the process's life, so their series are never removed.
+    pub fn worker_connections(&self, worker: usize) -> IntCounter {
+        self.families
+            .worker_connections
+            .with_label_values(&[&worker.to_string()])
     }
 
     /// Handles for requests of `listener` sent to `upstream` (empty when the

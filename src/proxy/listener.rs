@@ -1,6 +1,9 @@
-//! Accept loops: one per listener, bounded by `max_connections`.
+//! Accept loops: one per listener and worker, bounded together by the
+//! listener's `max_connections`.
 //!
-//! Each accepted HTTP connection is served on its own task: a connection
+//! Each worker accepts on its own socket of the listener's group (see
+//! `runtime::workers`) and serves what it accepts on its own thread. Each
+//! accepted HTTP connection is served on its own task: a connection
 //! that opens with the HTTP/2 preface goes to Sluice's HTTP/2 codec
 //! (`proxy::h2`, h2c prior knowledge), anything else to its HTTP/1.1 codec
 //! (`proxy::h1`). On a listener with `tls` the TLS handshake comes first
@@ -18,10 +21,11 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-
+use prometheus::IntCounter;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -45,6 +49,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The socket is shared so a reload can hand it to a new accept loop (new
 /// settings, same address) without closing it; `active` counts the
 /// listener's open connections across such hand-overs.
+#[derive(Clone)]
 pub struct BoundListener {
     pub index: usize,
     pub name: Arc<str>,
@@ -63,38 +68,51 @@ impl BoundListener {
 /// The accept backlog asked for; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 4096;
 
-/// A listening socket on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`, so
-/// a new Sluice can bind the same address while the old one drains (the
-/// kernel spreads new connections over both until the old one closes its
-/// socket). Other sockets with `SO_REUSEPORT` (of the same user) may bind
-/// it too. The admin socket is not shared this way.
-pub fn listen_shared(addr: SocketAddr) -> io::Result<ListenSocket> {
+/// The pause after a failed accept (EMFILE and friends) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Listening sockets on `addr`, `members` of them (one per worker), each
+/// with `SO_REUSEADDR` and `SO_REUSEPORT`: the kernel spreads new
+/// connections over the members, and a new Sluice can bind the same address
+/// while the old one drains (it spreads them over both until the old one
+/// closes its sockets). Other sockets with `SO_REUSEPORT` (of the same
+/// user) may bind it too. The admin socket is not shared this way. For port
+/// 0 the first member picks the port and the others join it.
+pub fn listen_shared(addr: SocketAddr, members: usize) -> io::Result<ListenSocket> {
+    let first = bind_member(addr)?;
+    let bound = first.local_addr()?;
+    let mut sockets = Vec::with_capacity(members.max(1));
+    sockets.push(first);
+    for _ in 1..members {
+        sockets.push(bind_member(bound)?);
+    }
+    Ok(ListenSocket { members: sockets })
+}
+
+fn bind_member(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     socket.set_nonblocking(true)?;
-    let listener: std::net::TcpListener = socket.into();
-    // Deprecated because a type's `as_raw_fd` could name a descriptor it
-    // does not own; a `TcpListener` owns its descriptor and returns that
-    // same one for its whole life, which is what the replacement (an
-    // `unsafe fn`) asks callers to promise.
-    #[allow(deprecated)]
-    let fd = AsyncFd::new(listener)?;
-    Ok(ListenSocket { fd })
+    Ok(socket.into())
 }
 
-/// A listening socket whose connections are accepted without joining the
-/// reactor: each joins only if it has to wait ([`LazyTcp`]).
+/// A listener's sockets, one per worker, all bound to the same address.
 #[derive(Debug)]
 pub struct ListenSocket {
-    fd: AsyncFd<std::net::TcpListener>,
+    members: Vec<std::net::TcpListener>,
 }
 
 impl ListenSocket {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.fd.get_ref().local_addr()
+        self.members[0].local_addr()
+    }
+
+    /// How many sockets (workers) share the address.
+    pub fn members(&self) -> usize {
+        self.members.len()
     }
 
     /// Whether connections accepted from now on start with delayed ACKs
@@ -105,9 +123,35 @@ impl ListenSocket {
     /// inherits the mode from the listening one. A TCP listener keeps
     /// immediate ACKs, since its server may speak first.
     pub fn set_delayed_ack(&self, delayed: bool) -> io::Result<()> {
-        SockRef::from(self.fd.get_ref()).set_tcp_quickack(!delayed)
+        for member in &self.members {
+            SockRef::from(member).set_tcp_quickack(!delayed)?;
+        }
+        Ok(())
     }
 
+    /// Member `member`'s socket, watched by the reactor of the runtime this
+    /// is called in (a second descriptor for it: the member stays open for
+    /// as long as the group does).
+    pub fn acceptor(&self, member: usize) -> io::Result<Acceptor> {
+        let listener = self.members[member % self.members.len()].try_clone()?;
+        // Deprecated because a type's `as_raw_fd` could name a descriptor it
+        // does not own; a `TcpListener` owns its descriptor and returns that
+        // same one for its whole life, which is what the replacement (an
+        // `unsafe fn`) asks callers to promise.
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(listener)?;
+        Ok(Acceptor { fd })
+    }
+}
+
+/// One worker's listening socket, whose connections are accepted without
+/// joining the reactor: each joins only if it has to wait ([`LazyTcp`]).
+#[derive(Debug)]
+pub struct Acceptor {
+    fd: AsyncFd<std::net::TcpListener>,
+}
+
+impl Acceptor {
     /// Waits for a connection and accepts it: a non-blocking socket, not
     /// registered with the reactor.
     pub async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
@@ -131,6 +175,13 @@ impl ListenSocket {
             Poll::Ready(ready.try_io(|fd| accept_bare(fd.get_ref())).ok())
         })
         .await
+    }
+
+    /// Stops the socket listening (for every descriptor of it): it leaves
+    /// its `SO_REUSEPORT` group, so the kernel queues no more connections
+    /// on it, and resets any it had queued.
+    pub fn shut(&self) {
+        let _ = SockRef::from(self.fd.get_ref()).shutdown(std::net::Shutdown::Read);
     }
 
     /// A connection waiting in the accept queue, whether or not the reactor
@@ -178,7 +229,7 @@ struct ListenerCtx {
     proxy_protocol: bool,
     settings: h1::H1Settings,
     handshake: Handshake,
-    metrics: ListenerMetrics,
+    metrics: Arc<ListenerMetrics>,
     /// Connections open now, against `max_connections` (shared with the
     /// accept loops that take this listener's socket over on a reload).
     active: Arc<AtomicUsize>,
@@ -194,6 +245,7 @@ struct ListenerCtx {
 }
 
 /// What a listener's connections begin with.
+#[derive(Clone)]
 enum Handshake {
     /// Plain TCP.
     None,
@@ -217,44 +269,111 @@ struct Resume {
     destination: SocketAddr,
 }
 
-/// Accepts until `control.stop_accepting` is cancelled.
-pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: ListenerControl) {
-    let metrics = shared.metrics.listener(&listener.name);
+/// Starts listener `listener`: one accept loop per worker, each accepting
+/// on its own member of the listener's socket group and serving what it
+/// accepts on its own worker. The loops end when `control.stop_accepting`
+/// is cancelled.
+pub fn start(
+    shared: &Arc<Shared>,
+    listener: BoundListener,
+    control: &ListenerControl,
+    workers: &[Handle],
+    accept_tasks: &TaskTracker,
+) {
+    let metrics = Arc::new(shared.metrics.listener(&listener.name));
+    let handshake = handshake(&listener, &metrics, control);
+    for (worker, handle) in workers.iter().enumerate() {
+        let accepted = shared.metrics.worker_connections(worker);
+        let run = accept_loop(
+            Arc::clone(shared),
+            listener.clone(),
+            control.clone(),
+            LoopParts {
+                worker,
+                metrics: Arc::clone(&metrics),
+                handshake: handshake.clone(),
+                accepted,
+            },
+        );
+        accept_tasks.spawn_on(run, handle);
+    }
+}
+
+/// What a listener's accept loops share, built once per listener.
+struct LoopParts {
+    worker: usize,
+    metrics: Arc<ListenerMetrics>,
+    handshake: Handshake,
+    /// `sluice_worker_connections_total` of this loop's worker.
+    accepted: IntCounter,
+}
+
+/// The TLS acceptor of a listener with `tls`, built from this listener's
+/// config, so a listener rebuilt by a reload picks up its new `tls` with
+/// it. Its certificate file watcher ends when the listener stops accepting.
+fn handshake(
+    listener: &BoundListener,
+    metrics: &ListenerMetrics,
+    control: &ListenerControl,
+) -> Handshake {
+    let Some(tls) = &listener.config.tls else {
+        return Handshake::None;
+    };
+    match TlsAcceptor::from_config(tls) {
+        Ok(acceptor) => {
+            let acceptor = Arc::new(acceptor);
+            control.tracker.spawn(Arc::clone(&acceptor).watch(
+                tls.clone(),
+                Arc::clone(&listener.name),
+                metrics.tls_reloaded.clone(),
+                metrics.tls_reload_failed.clone(),
+                control.stop_accepting.child_token(),
+            ));
+            Handshake::Tls(acceptor)
+        }
+        Err(err) => {
+            tracing::error!(
+                listener = &*listener.name,
+                error = %crate::tls::with_causes(&err),
+                "cannot set up tls; closing every connection"
+            );
+            Handshake::Unavailable
+        }
+    }
+}
+
+/// One worker's accept loop: accepts until `control.stop_accepting` is
+/// cancelled.
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: BoundListener,
+    control: ListenerControl,
+    parts: LoopParts,
+) {
+    let LoopParts {
+        worker,
+        metrics,
+        handshake,
+        accepted,
+    } = parts;
+    let acceptor = loop {
+        match listener.socket.acceptor(worker) {
+            Ok(acceptor) => break acceptor,
+            Err(err) => {
+                tracing::error!(listener = &*listener.name, worker, error = %err, "cannot watch the listening socket");
+                tokio::select! {
+                    _ = control.stop_accepting.cancelled() => return,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    };
     let parking = match Parking::new(metrics.parked.clone()) {
         Ok(p) => Some(p),
         Err(err) => {
             tracing::warn!(listener = &*listener.name, error = %err, "cannot park idle connections");
             None
         }
-    };
-    // The acceptor is built from this listener's config, so a listener
-    // rebuilt by a reload picks up its new `tls` with it. Its file watcher
-    // ends with this accept loop.
-    let watch_stop = CancellationToken::new();
-    let _watch_guard = watch_stop.clone().drop_guard();
-    let handshake = match &listener.config.tls {
-        None => Handshake::None,
-        Some(tls) => match TlsAcceptor::from_config(tls) {
-            Ok(acceptor) => {
-                let acceptor = Arc::new(acceptor);
-                control.tracker.spawn(Arc::clone(&acceptor).watch(
-                    tls.clone(),
-                    Arc::clone(&listener.name),
-                    metrics.tls_reloaded.clone(),
-                    metrics.tls_reload_failed.clone(),
-                    watch_stop.clone(),
-                ));
-                Handshake::Tls(acceptor)
-            }
-            Err(err) => {
-                tracing::error!(
-                    listener = &*listener.name,
-                    error = %crate::tls::with_causes(&err),
-                    "cannot set up tls; closing every connection"
-                );
-                Handshake::Unavailable
-            }
-        },
     };
     let ctx = Arc::new(ListenerCtx {
         handshake,
@@ -283,47 +402,57 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: BoundListener, control: 
         control.tracker.spawn(watch_parked(Arc::clone(&ctx)));
     }
     loop {
-        let accepted = tokio::select! {
+        let next = tokio::select! {
             _ = control.stop_accepting.cancelled() => break,
-            accepted = listener.socket.accept() => accepted,
+            next = acceptor.accept() => next,
         };
-        match accepted {
-            Ok((stream, peer)) => admit(&ctx, stream, peer),
+        match next {
+            Ok((stream, peer)) => admit(&ctx, &accepted, stream, peer),
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(listener = &*listener.name, error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
     // Connections the kernel has already queued are served, not reset when
     // the socket closes: the other process sharing the port (SO_REUSEPORT)
-    // does not inherit them. A socket that lives on (a reload hands it to a
-    // new accept loop) keeps what the reactor has not reported yet for that
-    // loop; one that closes with this loop is emptied. Yield once first, so
-    // a shutdown that stopped this loop has dropped the runtime's handle.
-    tokio::task::yield_now().await;
-    let closing = Arc::strong_count(&listener.socket) == 1;
+    // does not inherit them. A socket group that lives on (a reload hands
+    // it to new accept loops) keeps what the reactor has not reported yet
+    // for this loop. One that closes with its loops (the control plane has
+    // dropped its handle before stopping them; each loop holds one) is
+    // emptied, and this loop's socket is shut at once, so the kernel stops
+    // queueing connections on it while the group's other loops finish.
+    let closing = Arc::strong_count(&listener.socket) <= listener.socket.members();
     loop {
         let queued = if closing {
-            listener.socket.accept_now()
+            acceptor.accept_now()
         } else {
-            listener.socket.accept_queued().await
+            acceptor.accept_queued().await
         };
         match queued {
-            Some(Ok((stream, peer))) => admit(&ctx, stream, peer),
+            Some(Ok((stream, peer))) => admit(&ctx, &accepted, stream, peer),
             Some(Err(_)) | None => break,
         }
+    }
+    if closing {
+        acceptor.shut();
     }
 }
 
 /// Serves an accepted connection on its own task, unless the listener is
 /// at `max_connections`.
-fn admit(ctx: &Arc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
+fn admit(
+    ctx: &Arc<ListenerCtx>,
+    accepted: &IntCounter,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+) {
     if ctx.active.load(Ordering::Relaxed) >= ctx.max_connections {
         ctx.metrics.rejected.inc();
         return;
     }
+    accepted.inc();
     let slot = ConnSlot::new(Arc::clone(ctx));
     let _ = stream.set_nodelay(true);
     let span = tracing::debug_span!("conn", listener = &*ctx.name, peer = %peer);
@@ -578,8 +707,10 @@ async fn serve_h1<T: h1::Transport>(
         }
         response
     };
+    // Open and parked connections of the listener, on every worker.
     let park_after = || {
-        let parked = ctx.parking.as_ref()?.parked();
+        ctx.parking.as_ref()?;
+        let parked = usize::try_from(ctx.metrics.parked.get()).unwrap_or(0);
         Some(park::park_after(ctx.active.load(Ordering::Relaxed), parked))
     };
     let close = ctx.close.clone();
@@ -687,23 +818,71 @@ mod tests {
     use super::*;
     use crate::proxy::output_size;
 
-    /// Each open connection holds one of these futures until it is parked
-    /// (or for its whole life on TLS), so its size is memory per connection.
     /// A connection accepted after `set_delayed_ack(true)` starts with
     /// delayed ACKs; after `set_delayed_ack(false)`, with immediate ones.
     #[tokio::test]
     async fn accepted_connections_inherit_the_ack_mode() {
-        let socket = listen_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = listen_shared("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let addr = socket.local_addr().unwrap();
+        let acceptor = socket.acceptor(0).unwrap();
         for delayed in [true, false, true] {
             socket.set_delayed_ack(delayed).unwrap();
             let _client = std::net::TcpStream::connect(addr).unwrap();
-            let (accepted, _) = socket.accept().await.unwrap();
+            let (accepted, _) = acceptor.accept().await.unwrap();
             let quickack = SockRef::from(&accepted).tcp_quickack().unwrap();
             assert_eq!(quickack, !delayed, "delayed = {delayed}");
         }
     }
 
+    /// A group of two sockets on port 0 shares one port, and the kernel
+    /// spreads connections over both members' queues, each of which only
+    /// its own acceptor takes from.
+    #[tokio::test]
+    async fn a_socket_group_spreads_connections_over_its_members() {
+        let socket = listen_shared("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        assert_eq!(socket.members(), 2);
+        let addr = socket.local_addr().unwrap();
+        assert_eq!(socket.members[1].local_addr().unwrap(), addr);
+        let acceptors = [socket.acceptor(0).unwrap(), socket.acceptor(1).unwrap()];
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut taken = [0usize; 2];
+        for (member, acceptor) in acceptors.iter().enumerate() {
+            while taken.iter().sum::<usize>() < clients.len() {
+                match tokio::time::timeout(Duration::from_millis(200), acceptor.accept()).await {
+                    Ok(accepted) => {
+                        accepted.unwrap();
+                        taken[member] += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        assert_eq!(taken.iter().sum::<usize>(), clients.len(), "{taken:?}");
+        assert!(taken.iter().all(|&n| n > 0), "{taken:?}");
+    }
+
+    /// A member shut by its acceptor leaves the group: every new
+    /// connection goes to the other member, none is refused.
+    #[tokio::test]
+    async fn a_shut_member_gets_no_more_connections() {
+        let socket = listen_shared("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let acceptors = [socket.acceptor(0).unwrap(), socket.acceptor(1).unwrap()];
+        acceptors[0].shut();
+        let clients: Vec<_> = (0..32)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        for _ in &clients {
+            let accepted = tokio::time::timeout(Duration::from_secs(5), acceptors[1].accept());
+            accepted.await.expect("queued on the shut member").unwrap();
+        }
+        assert!(acceptors[0].accept_now().is_none_or(|r| r.is_err()));
+    }
+
+    /// Each open connection holds one of these futures until it is parked
+    /// (or for its whole life on TLS), so its size is memory per connection.
     #[test]
     fn a_connection_task_stays_small() {
         let size = output_size(serve_conn);

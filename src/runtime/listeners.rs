@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ListenerConfig;
 use crate::proxy::listener::{listen_shared, ListenSocket};
 
-/// One running accept loop and its socket.
+/// One running listener: its accept loops (one per worker) and its sockets.
 pub(super) struct RunningListener {
     pub config: ListenerConfig,
     /// The address actually bound.
@@ -27,19 +27,29 @@ pub(super) struct RunningListener {
     pub socket: Arc<ListenSocket>,
     /// Open connections, across hand-overs to a new accept loop.
     pub active: Arc<AtomicUsize>,
-    /// Cancelled to stop this accept loop.
+    /// Cancelled to stop this listener's accept loops.
     pub stop_accepting: CancellationToken,
-    /// Cancelled to close this loop's connections once idle.
+    /// Cancelled to close this listener's connections once idle.
     pub close_connections: CancellationToken,
 }
 
 impl RunningListener {
     /// Stops accepting; with `close`, its connections also close once
-    /// their request in progress is answered.
-    pub fn stop(&self, close: bool) {
-        self.stop_accepting.cancel();
+    /// their request in progress is answered. Its handle to the socket
+    /// group goes first: each accept loop tells from the handles left
+    /// whether the group closes with the loops (then each empties and shuts
+    /// its socket) or lives on in a successor's loops.
+    pub fn stop(self, close: bool) {
+        let RunningListener {
+            socket,
+            stop_accepting,
+            close_connections,
+            ..
+        } = self;
+        drop(socket);
+        stop_accepting.cancel();
         if close {
-            self.close_connections.cancel();
+            close_connections.cancel();
         }
     }
 }
@@ -78,11 +88,13 @@ pub struct BindFailure {
     pub source: io::Error,
 }
 
-/// Maps `new` onto `old`, binding every address that needs it. On a bind
-/// failure the sockets bound so far close and nothing else has changed.
+/// Maps `new` onto `old`, binding every address that needs it (a group of
+/// `members` sockets, one per worker). On a bind failure the sockets bound
+/// so far close and nothing else has changed.
 pub(super) async fn plan(
     old: &[RunningListener],
     new: &[ListenerConfig],
+    members: usize,
 ) -> Result<ListenerPlan, BindFailure> {
     let mut claimed = vec![false; old.len()];
     let mut sources: Vec<Option<Source>> = Vec::with_capacity(new.len());
@@ -126,7 +138,7 @@ pub(super) async fn plan(
                     addr: l.listen,
                     source,
                 };
-                let socket = listen_shared(l.listen).map_err(bind)?;
+                let socket = listen_shared(l.listen, members).map_err(bind)?;
                 let addr = socket.local_addr().map_err(bind)?;
                 (Arc::new(socket), addr)
             }

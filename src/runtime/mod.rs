@@ -6,20 +6,24 @@
 //! [`Control`] is the control plane behind it: reloads (`reload.rs`), DNS
 //! discovery updates (`discovery.rs`) and the listeners' lifecycle
 //! (`listeners.rs`) all go through its one lock, so they never interleave;
-//! the data path never takes it. `watch.rs` watches the config file and
-//! `signals.rs` handles SIGHUP and SIGTERM.
+//! the data path never takes it. `watch.rs` watches the config file,
+//! `signals.rs` handles SIGHUP and SIGTERM, and `workers.rs` starts the
+//! worker threads, each with its own event loop and its own accept loop for
+//! every listener.
 
 pub mod discovery;
 mod listeners;
 pub mod reload;
 pub mod signals;
 mod watch;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,12 +31,13 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::admin::metrics::Metrics;
 use crate::config::{Config, ListenerConfig, ListenerProtocol};
-use crate::proxy::listener::{accept_loop, BoundListener, ListenSocket, ListenerControl};
+use crate::proxy::listener::{self, BoundListener, ListenSocket, ListenerControl};
 use crate::state::Shared;
 use discovery::Discovery;
 pub use listeners::BindFailure;
 use listeners::{RunningListener, Source};
 pub use reload::ReloadError;
+use workers::Workers;
 
 /// How long a shutdown waits for the access log to be written out.
 const ACCESS_LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
@@ -42,6 +47,8 @@ const ACCESS_LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 pub enum RunError {
     #[error(transparent)]
     Bind(#[from] BindFailure),
+    #[error("cannot start the worker threads")]
+    Workers(#[source] std::io::Error),
 }
 
 /// A running Sluice.
@@ -50,6 +57,8 @@ pub struct Running {
     control: Arc<Control>,
     begin_shutdown: CancellationToken,
     done: JoinHandle<()>,
+    /// Stopped when this handle goes (after [`Running::wait`], at the end).
+    _workers: Workers,
 }
 
 impl Running {
@@ -113,6 +122,8 @@ pub struct Control {
     inner: tokio::sync::Mutex<Inner>,
     /// Listener names and bound addresses, for synchronous readers.
     addresses: std::sync::Mutex<Vec<(String, SocketAddr)>>,
+    /// One runtime handle per worker: each listener accepts on all of them.
+    workers: Vec<Handle>,
     /// Every connection task, of current and of removed listeners alike, so
     /// shutdown waits for them all.
     connections: TaskTracker,
@@ -150,12 +161,22 @@ impl Control {
             .clone()
     }
 
+    /// Tasks alive on every worker's runtime (worker 0's is the caller's
+    /// runtime, with whatever else it runs).
+    pub fn alive_tasks(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|h| h.metrics().num_alive_tasks())
+            .sum()
+    }
+
     /// How many DNS discovery tasks run (one per discovering upstream).
     pub async fn discovery_tasks(&self) -> usize {
         self.inner.lock().await.discovery.len()
     }
 
-    /// Starts an accept loop for listener `index` of the current snapshot.
+    /// Starts the accept loops (one per worker) of listener `index` of the
+    /// current snapshot.
     fn start_listener(
         &self,
         index: usize,
@@ -188,8 +209,13 @@ impl Control {
             close_connections: running.close_connections.clone(),
             tracker: self.connections.clone(),
         };
-        self.accept_tasks
-            .spawn(accept_loop(Arc::clone(&self.shared), bound, control));
+        listener::start(
+            &self.shared,
+            bound,
+            &control,
+            &self.workers,
+            &self.accept_tasks,
+        );
         running
     }
 
@@ -208,14 +234,16 @@ impl Control {
         inner.closed = true;
         inner.discovery.stop();
         self.background.cancel();
+        // The accept loops then hold the last handles to their sockets, so
+        // each socket is shut right after its loop has taken what the
+        // kernel had queued: with SO_REUSEPORT, connections the kernel
+        // queues on a socket that stays open unaccepted are reset when it
+        // finally closes instead of going to the process taking over. The
+        // handles go before the loops are told to stop, since a loop on
+        // another worker may look at once.
+        inner.listeners.clear();
         self.stop_accepting.cancel();
         self.accept_tasks.close();
-        // Each accept loop now holds the last handle to its socket, so the
-        // socket closes right after the loop has taken what the kernel had
-        // queued: with SO_REUSEPORT, connections the kernel queues on a
-        // socket that stays open unaccepted are reset when it finally
-        // closes instead of going to the process taking over.
-        inner.listeners.clear();
     }
 }
 
@@ -235,7 +263,9 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
         .await
         .map_err(admin_failure)?;
     let admin = admin_socket.local_addr().map_err(admin_failure)?;
-    let plan = listeners::plan(&[], &config.listeners).await?;
+    let workers =
+        Workers::start(workers::resolve(config.runtime.workers)).map_err(RunError::Workers)?;
+    let plan = listeners::plan(&[], &config.listeners, workers.len()).await?;
 
     let mut discovery = Discovery::default();
     discovery.fill(&mut config, None, &metrics).await;
@@ -255,6 +285,7 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
             closed: false,
         }),
         addresses: std::sync::Mutex::new(Vec::new()),
+        workers: workers.handles().to_vec(),
         connections: TaskTracker::new(),
         accept_tasks: TaskTracker::new(),
         stop_accepting: CancellationToken::new(),
@@ -343,6 +374,7 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
         control,
         begin_shutdown,
         done,
+        _workers: workers,
     })
 }
 

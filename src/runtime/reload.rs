@@ -142,7 +142,7 @@ impl Control {
             return Err(ReloadError::NeedsRestart("log.format"));
         }
         // Every bind first: a reload that cannot bind changes nothing.
-        let plan = listeners::plan(&inner.listeners, &new.listeners).await?;
+        let plan = listeners::plan(&inner.listeners, &new.listeners, self.workers.len()).await?;
         inner
             .discovery
             .fill(&mut new, Some(&old), &self.shared.metrics)
@@ -168,15 +168,16 @@ impl Control {
             .map(Some)
             .collect();
         for (i, close) in &plan.stopped {
-            if let Some(l) = &old_listeners[*i] {
-                let removed = !snapshot
+            let removed = old_listeners[*i].as_ref().is_some_and(|l| {
+                !snapshot
                     .config
                     .listeners
                     .iter()
-                    .any(|n| n.name == l.config.name);
-                if removed {
-                    l.stop(*close);
-                }
+                    .any(|n| n.name == l.config.name)
+            });
+            if let Some(l) = old_listeners[*i].take_if(|_| removed) {
+                tracing::info!(listener = %l.config.name, addr = %l.addr, "listener stopped; its connections finish their requests");
+                l.stop(*close);
             }
         }
         self.publish(Arc::clone(&snapshot), old).await;
@@ -215,9 +216,9 @@ impl Control {
         }
         // The replaced loops stop once their successors accept.
         for (i, close) in &plan.stopped {
-            if let Some(l) = &old_listeners[*i] {
-                l.stop(*close);
+            if let Some(l) = old_listeners[*i].take() {
                 tracing::info!(listener = %l.config.name, addr = %l.addr, "listener stopped; its connections finish their requests");
+                l.stop(*close);
             }
         }
         self.publish_addresses(&running);

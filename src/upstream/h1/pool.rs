@@ -9,6 +9,13 @@
 //! no system call unless the socket did become readable. Connections idle
 //! longer than `idle_timeout` are closed by a sweeper task that runs while
 //! the pool holds any.
+//!
+//! Each worker thread keeps its own idle connections (as each NGINX worker
+//! process keeps its own `keepalive` cache): a connection is registered with
+//! the reactor of the worker that opened it, so one worker handing it to
+//! another would have every readiness event of it cross threads. So
+//! `max_idle` bounds each worker's idle connections to the backend, and
+//! a worker's sweeper runs on that worker.
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,6 +28,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::timer;
+use crate::runtime::workers;
 use crate::upstream::client::BackendStream;
 
 /// How often the sweeper looks, at most and at least.
@@ -40,9 +48,15 @@ struct Inner {
     timers: Vec<Pin<Box<Sleep>>>,
 }
 
-/// The idle connections of one backend.
+/// One worker's part of a pool, on a cache line of its own, so workers
+/// taking their own locks do not contend for the line.
+#[repr(align(128))]
+struct Shard(Mutex<Inner>);
+
+/// The idle connections of one backend, per worker.
 pub struct Pool {
-    inner: Mutex<Inner>,
+    shards: Box<[Shard]>,
+    /// Per worker.
     max_idle: usize,
     idle_timeout: Duration,
     /// Ends the sweeper when the pool goes (a removed backend).
@@ -56,18 +70,37 @@ impl Drop for Pool {
 }
 
 impl Pool {
-    /// A pool keeping at most `max_idle` connections for `idle_timeout`.
+    /// A pool keeping at most `max_idle` connections per worker for
+    /// `idle_timeout`.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Self> {
+        let shards = (0..workers::slots())
+            .map(|_| Shard(Mutex::new(Inner::default())))
+            .collect();
         Arc::new(Pool {
-            inner: Mutex::new(Inner::default()),
+            shards,
             max_idle,
             idle_timeout,
             gone: CancellationToken::new(),
         })
     }
 
+    /// The calling worker's shard. A worker started after this pool was
+    /// made (only in a process that runs more than one Sluice) shares the
+    /// last one.
+    fn shard(&self) -> usize {
+        workers::current().min(self.shards.len() - 1)
+    }
+
+    /// The calling worker's idle connections.
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lock_shard(self.shard())
+    }
+
+    fn lock_shard(&self, shard: usize) -> MutexGuard<'_, Inner> {
+        self.shards[shard]
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// An idle connection that still looks usable, newest first.
@@ -96,7 +129,8 @@ impl Pool {
         if self.max_idle == 0 || self.idle_timeout.is_zero() {
             return;
         }
-        let mut inner = self.lock();
+        let shard = self.shard();
+        let mut inner = self.lock_shard(shard);
         let evicted = if inner.idle.len() >= self.max_idle {
             inner.idle.pop_front()
         } else {
@@ -111,7 +145,8 @@ impl Pool {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 inner.sweeping = true;
                 let gone = self.gone.clone();
-                handle.spawn(sweep(Arc::downgrade(self), self.sweep_every(), gone));
+                let sweeper = sweep(Arc::downgrade(self), shard, self.sweep_every(), gone);
+                handle.spawn(sweeper);
             }
         }
         drop(inner);
@@ -142,19 +177,21 @@ impl Pool {
         }
     }
 
-    /// Idle connections held now.
+    /// Idle connections held now, by every worker.
     pub fn idle(&self) -> usize {
-        self.lock().idle.len()
+        (0..self.shards.len())
+            .map(|shard| self.lock_shard(shard).idle.len())
+            .sum()
     }
 
     fn sweep_every(&self) -> Duration {
         (self.idle_timeout / 2).clamp(SWEEP_MIN, SWEEP_MAX)
     }
 
-    /// Closes expired connections; false once the pool is empty (the
-    /// sweeper then stops until a connection comes back).
-    fn sweep_once(&self) -> bool {
-        let mut inner = self.lock();
+    /// Closes a shard's expired connections; false once the shard is empty
+    /// (its sweeper then stops until a connection comes back).
+    fn sweep_once(&self, shard: usize) -> bool {
+        let mut inner = self.lock_shard(shard);
         let keep_from = inner
             .idle
             .iter()
@@ -169,14 +206,14 @@ impl Pool {
     }
 }
 
-async fn sweep(pool: Weak<Pool>, every: Duration, gone: CancellationToken) {
+async fn sweep(pool: Weak<Pool>, shard: usize, every: Duration, gone: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = gone.cancelled() => return,
         }
         let Some(pool) = pool.upgrade() else { return };
-        if !pool.sweep_once() {
+        if !pool.sweep_once(shard) {
             return;
         }
     }
@@ -283,6 +320,39 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(pool.idle(), 0);
         assert!(pool.checkout().is_none());
+    }
+
+    /// A connection put back on one worker is taken out on that worker
+    /// only, and `max_idle` bounds each worker's connections.
+    #[tokio::test]
+    async fn each_worker_keeps_its_own_connections() {
+        let workers = workers::Workers::start(2).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(1, Duration::from_secs(60));
+        let mut servers = Vec::new();
+        let mut ports = Vec::new();
+        for worker in [0, 1, 1] {
+            let (c, s) = pair(&listener).await;
+            ports.push(c.tcp().local_addr().unwrap().port());
+            servers.push(s);
+            let pool = Arc::clone(&pool);
+            workers.handles()[worker]
+                .spawn(async move { pool.checkin(c) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(pool.idle(), 2, "one per worker");
+        let port_on = |worker: usize| {
+            let pool = Arc::clone(&pool);
+            workers.handles()[worker].spawn(async move {
+                pool.checkout()
+                    .map(|c| c.tcp().local_addr().unwrap().port())
+            })
+        };
+        assert_eq!(port_on(1).await.unwrap(), Some(ports[2]));
+        assert_eq!(port_on(1).await.unwrap(), None, "worker 1 has no more");
+        assert_eq!(port_on(0).await.unwrap(), Some(ports[0]));
+        assert_eq!(port_on(0).await.unwrap(), None);
     }
 
     #[tokio::test]
