@@ -46,7 +46,7 @@ pub struct ConfigSource {
 
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Tokio worker threads; 0 means one per CPU.
+    /// Worker threads, each with its own event loop; 0 means one per CPU.
     pub workers: usize,
     /// DNS servers that `discovery` asks; empty means the system's
     /// (`/etc/resolv.conf`).
