@@ -484,6 +484,17 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `sluice_worker_connections_total` of each of the first `workers`
+/// workers, by index.
+pub fn worker_connections(text: &str, workers: usize) -> Vec<f64> {
+    (0..workers)
+        .map(|w| {
+            let series = format!("sluice_worker_connections_total{{worker=\"{w}\"}} ");
+            metric(text, &series).unwrap_or_else(|| panic!("no {series}in\n{text}"))
+        })
+        .collect()
+}
+
 /// Polls until `sluice_backend_up` of `backend` in upstream `app` is
 /// `want`, and returns when it was seen.
 pub async fn wait_backend_up(
