@@ -163,20 +163,6 @@ impl Acceptor {
         }
     }
 
-    /// A connection the reactor has already seen waiting in the accept
-    /// queue, without waiting for one.
-    pub async fn accept_queued(&self) -> Option<io::Result<(std::net::TcpStream, SocketAddr)>> {
-        poll_fn(|cx| {
-            let mut ready = match self.fd.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Ready(None),
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Ok(ready)) => ready,
-            };
-            Poll::Ready(ready.try_io(|fd| accept_bare(fd.get_ref())).ok())
-        })
-        .await
-    }
-
     /// Stops the socket listening (for every descriptor of it): it leaves
     /// its `SO_REUSEPORT` group, so the kernel queues no more connections
     /// on it, and resets any it had queued.
@@ -402,7 +388,10 @@ async fn accept_loop(
         control.tracker.spawn(watch_parked(Arc::clone(&ctx)));
     }
     loop {
+        // Stopping first: a loop told to stop takes no new connection, even
+        // one that arrived at the same moment.
         let next = tokio::select! {
+            biased;
             _ = control.stop_accepting.cancelled() => break,
             next = acceptor.accept() => next,
         };
@@ -415,27 +404,19 @@ async fn accept_loop(
             }
         }
     }
-    // Connections the kernel has already queued are served, not reset when
-    // the socket closes: the other process sharing the port (SO_REUSEPORT)
-    // does not inherit them. A socket group that lives on (a reload hands
-    // it to new accept loops) keeps what the reactor has not reported yet
-    // for this loop. One that closes with its loops (the control plane has
-    // dropped its handle before stopping them; each loop holds one) is
-    // emptied, and this loop's socket is shut at once, so the kernel stops
+    // A socket group handed to a successor's accept loops (a reload that
+    // changed the listener's accept settings) keeps its queued connections
+    // for them: they are served with the new settings. One that closes with
+    // its loops (the control plane has dropped its handle before stopping
+    // them, and each loop holds one) is emptied, so what the kernel has
+    // already queued is served rather than reset when the socket closes (the
+    // other process sharing the port with SO_REUSEPORT does not inherit
+    // it), and this loop's socket is shut at once, so the kernel stops
     // queueing connections on it while the group's other loops finish.
-    let closing = Arc::strong_count(&listener.socket) <= listener.socket.members();
-    loop {
-        let queued = if closing {
-            acceptor.accept_now()
-        } else {
-            acceptor.accept_queued().await
-        };
-        match queued {
-            Some(Ok((stream, peer))) => admit(&ctx, &accepted, stream, peer),
-            Some(Err(_)) | None => break,
+    if Arc::strong_count(&listener.socket) <= listener.socket.members() {
+        while let Some(Ok((stream, peer))) = acceptor.accept_now() {
+            admit(&ctx, &accepted, stream, peer);
         }
-    }
-    if closing {
         acceptor.shut();
     }
 }
