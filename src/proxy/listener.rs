@@ -220,6 +220,8 @@ struct ListenerCtx {
     /// accept loops that take this listener's socket over on a reload).
     active: Arc<AtomicUsize>,
     max_connections: usize,
+    /// `sluice_worker_connections_total` of this accept loop's worker.
+    worker_accepted: IntCounter,
     /// The listening address when it names one interface: every accepted
     /// connection's local address, known without asking the kernel.
     bound: Option<SocketAddr>,
@@ -269,7 +271,7 @@ pub fn start(
     let metrics = Arc::new(shared.metrics.listener(&listener.name));
     let handshake = handshake(&listener, &metrics, control);
     for (worker, handle) in workers.iter().enumerate() {
-        let accepted = shared.metrics.worker_connections(worker);
+        let worker_accepted = shared.metrics.worker_connections(worker);
         let run = accept_loop(
             Arc::clone(shared),
             listener.clone(),
@@ -278,7 +280,7 @@ pub fn start(
                 worker,
                 metrics: Arc::clone(&metrics),
                 handshake: handshake.clone(),
-                accepted,
+                worker_accepted,
             },
         );
         accept_tasks.spawn_on(run, handle);
@@ -291,7 +293,7 @@ struct LoopParts {
     metrics: Arc<ListenerMetrics>,
     handshake: Handshake,
     /// `sluice_worker_connections_total` of this loop's worker.
-    accepted: IntCounter,
+    worker_accepted: IntCounter,
 }
 
 /// The TLS acceptor of a listener with `tls`, built from this listener's
@@ -340,7 +342,7 @@ async fn accept_loop(
         worker,
         metrics,
         handshake,
-        accepted,
+        worker_accepted,
     } = parts;
     let acceptor = loop {
         match listener.socket.acceptor(worker) {
@@ -376,6 +378,7 @@ async fn accept_loop(
         },
         active: Arc::clone(&listener.active),
         max_connections: listener.config.max_connections,
+        worker_accepted,
         bound: listener
             .local_addr()
             .ok()
@@ -396,7 +399,7 @@ async fn accept_loop(
             next = acceptor.accept() => next,
         };
         match next {
-            Ok((stream, peer)) => admit(&ctx, &accepted, stream, peer),
+            Ok((stream, peer)) => admit(&ctx, stream, peer),
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(listener = &*listener.name, error = %err, "accept failed");
@@ -415,7 +418,7 @@ async fn accept_loop(
     // queueing connections on it while the group's other loops finish.
     if Arc::strong_count(&listener.socket) <= listener.socket.members() {
         while let Some(Ok((stream, peer))) = acceptor.accept_now() {
-            admit(&ctx, &accepted, stream, peer);
+            admit(&ctx, stream, peer);
         }
         acceptor.shut();
     }
@@ -423,17 +426,12 @@ async fn accept_loop(
 
 /// Serves an accepted connection on its own task, unless the listener is
 /// at `max_connections`.
-fn admit(
-    ctx: &Arc<ListenerCtx>,
-    accepted: &IntCounter,
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-) {
+fn admit(ctx: &Arc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
     if ctx.active.load(Ordering::Relaxed) >= ctx.max_connections {
         ctx.metrics.rejected.inc();
         return;
     }
-    accepted.inc();
+    ctx.worker_accepted.inc();
     let slot = ConnSlot::new(Arc::clone(ctx));
     let _ = stream.set_nodelay(true);
     let span = tracing::debug_span!("conn", listener = &*ctx.name, peer = %peer);

@@ -40,6 +40,7 @@ impl RunningListener {
     /// whether the group closes with the loops (then each empties and shuts
     /// its socket) or lives on in a successor's loops.
     pub fn stop(self, close: bool) {
+        tracing::info!(listener = %self.config.name, addr = %self.addr, "listener stopped; its connections finish their requests");
         let RunningListener {
             socket,
             stop_accepting,

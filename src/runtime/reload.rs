@@ -176,7 +176,6 @@ impl Control {
                     .any(|n| n.name == l.config.name)
             });
             if let Some(l) = old_listeners[*i].take_if(|_| removed) {
-                tracing::info!(listener = %l.config.name, addr = %l.addr, "listener stopped; its connections finish their requests");
                 l.stop(*close);
             }
         }
@@ -217,7 +216,6 @@ impl Control {
         // The replaced loops stop once their successors accept.
         for (i, close) in &plan.stopped {
             if let Some(l) = old_listeners[*i].take() {
-                tracing::info!(listener = %l.config.name, addr = %l.addr, "listener stopped; its connections finish their requests");
                 l.stop(*close);
             }
         }
