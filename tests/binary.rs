@@ -146,7 +146,7 @@ fn one_worker_serves_everything_on_one_thread() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let backend = rt.block_on(Backend::start("a"));
     let cfg = simple_config(&[&backend], "");
-    let mut proc = Proc::start(&format!("[runtime]\nworkers = 1\n\n{cfg}"));
+    let mut proc = Proc::start(&with_workers(1, &cfg));
     let addr = proc.addr("web");
     let admin = proc.admin;
     rt.block_on(async {
@@ -171,7 +171,7 @@ fn one_worker_serves_everything_on_one_thread() {
     proc.signal(Signal::SIGTERM);
     assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
 
-    let two = Proc::start(&format!("[runtime]\nworkers = 2\n\n{cfg}"));
+    let two = Proc::start(&with_workers(2, &cfg));
     const CONNECTIONS: usize = 40;
     let metrics = rt.block_on(async {
         for _ in 0..CONNECTIONS {

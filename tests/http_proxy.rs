@@ -705,8 +705,7 @@ async fn demo_config_serves_three_distinct_backends() {
 #[tokio::test]
 async fn backend_connections_are_kept_alive_and_reused() {
     let a = Backend::start("a").await;
-    let config = format!("[runtime]\nworkers = 1\n\n{}", simple_config(&[&a], ""));
-    let proxy = start_proxy(&config).await;
+    let proxy = start_proxy(&with_workers(1, &simple_config(&[&a], ""))).await;
     let addr = proxy.listener_addr("web").expect("bound");
     for _ in 0..20 {
         // A new client connection each time: the backend side is pooled.
@@ -726,8 +725,7 @@ async fn backend_connections_are_kept_alive_and_reused() {
 #[tokio::test]
 async fn each_worker_reuses_its_own_backend_connections() {
     let a = Backend::start("a").await;
-    let config = format!("[runtime]\nworkers = 2\n\n{}", simple_config(&[&a], ""));
-    let proxy = start_proxy(&config).await;
+    let proxy = start_proxy(&with_workers(2, &simple_config(&[&a], ""))).await;
     let addr = proxy.listener_addr("web").expect("bound");
     for _ in 0..40 {
         assert_eq!(get(addr, "/").await.status, 200);

@@ -454,8 +454,8 @@ async fn backends_that_stay_keep_health_circuit_counters_and_pooled_connections(
     let h = Backend::start("h").await;
     // One worker: its one pool holds every backend connection.
     let config = |app: &str, interval: &str| {
-        format!(
-            "[runtime]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\
              [[listener.route]]\nheaders = {{ \"x-checked\" = \"1\" }}\nupstream = \"checked\"\n\n\
              [[upstream]]\nname = \"app\"\n{app}\n\
@@ -463,7 +463,8 @@ async fn backends_that_stay_keep_health_circuit_counters_and_pooled_connections(
              [[upstream]]\nname = \"checked\"\nbackends = [\"{}\"]\n\
              health_check = {{ kind = \"http\", path = \"/\", interval = \"{interval}\", healthy_threshold = 1, unhealthy_threshold = 1 }}\n",
             h.addr
-        )
+        );
+        with_workers(1, &text)
     };
     let file = ConfigFile::new(&config(
         &format!("backends = [\"{}\", \"{}\"]", a.addr, b.addr),

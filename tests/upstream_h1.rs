@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::{get, raw_exchange, start_proxy};
+use support::{get, raw_exchange, start_proxy, with_workers};
 
 /// A backend whose `n`th connection (from 0) is handled by `script`.
 async fn scripted<F, Fut>(script: F) -> (SocketAddr, Arc<AtomicUsize>)
@@ -74,10 +74,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// One worker: these tests count the backend connections its one pool
 /// opens and reuses, whichever client connection a request came on.
 fn config(backend: SocketAddr) -> String {
-    format!(
-        "[runtime]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
          [[upstream]]\nname = \"app\"\nbackends = [\"{backend}\"]\n"
-    )
+    );
+    with_workers(1, &text)
 }
 
 async fn proxy_for(backend: SocketAddr) -> (sluice::runtime::Running, SocketAddr) {

@@ -484,6 +484,11 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `config` with `runtime.workers` set (`config` must have no `[runtime]`).
+pub fn with_workers(workers: usize, config: &str) -> String {
+    format!("[runtime]\nworkers = {workers}\n\n{config}")
+}
+
 /// `sluice_worker_connections_total` of each of the first `workers`
 /// workers, by index.
 pub fn worker_connections(text: &str, workers: usize) -> Vec<f64> {
