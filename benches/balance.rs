@@ -1,4 +1,5 @@
-//! `pick` per balancer at 3, 100 and 10,000 backends, and config parsing.
+//! `pick` per balancer at 3, 100 and 10,000 backends, routing a request to
+//! its upstream, and config parsing.
 
 use std::hint::black_box;
 use std::sync::atomic::AtomicUsize;
@@ -7,7 +8,8 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::admin::metrics::Metrics;
 use sluice::balance::{self, Balancer, ConsistentHash};
-use sluice::config::{BalancerKind, DEFAULT_VNODES};
+use sluice::config::{BalancerKind, HostMatch, RouteConfig, RouteTarget, DEFAULT_VNODES};
+use sluice::proxy::route::Router;
 use sluice::upstream::backend::{BackendKey, BackendState};
 use sluice::upstream::client::ClientSettings;
 
@@ -105,5 +107,71 @@ fn config_parse(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pick, ring_build, config_parse);
+/// A route to `upstream` on a host and/or a path prefix.
+fn route_to(host: Option<HostMatch>, prefix: Option<&str>, upstream: &str) -> RouteConfig {
+    RouteConfig {
+        host,
+        sni: None,
+        path_prefix: prefix.map(str::to_owned),
+        headers: vec![],
+        target: RouteTarget::Upstream(upstream.to_owned()),
+    }
+}
+
+/// `Router::route` for a request that ends at the last candidate: no routes
+/// (the listener's default), path prefixes, and hosts.
+fn route(c: &mut Criterion) {
+    let index_of = |name: &str| {
+        ["api", "static", "web", "default"]
+            .iter()
+            .position(|n| *n == name)
+    };
+    let request = http::Request::get("/web/index.html")
+        .header("host", "www.example.com:8080")
+        .body(())
+        .expect("valid request")
+        .into_parts()
+        .0;
+    let cases = [
+        ("no_routes", vec![]),
+        (
+            "path_prefixes",
+            vec![
+                route_to(None, Some("/api/"), "api"),
+                route_to(None, Some("/static/"), "static"),
+                route_to(None, Some("/web/"), "web"),
+            ],
+        ),
+        (
+            "hosts",
+            vec![
+                route_to(
+                    Some(HostMatch::Exact("api.example.com".into())),
+                    None,
+                    "api",
+                ),
+                route_to(
+                    Some(HostMatch::Suffix(".cdn.example.com".into())),
+                    None,
+                    "static",
+                ),
+                route_to(
+                    Some(HostMatch::Exact("www.example.com".into())),
+                    None,
+                    "web",
+                ),
+            ],
+        ),
+    ];
+    let mut group = c.benchmark_group("route");
+    for (name, routes) in cases {
+        let router = Router::new(&routes, Some("default"), &index_of);
+        let want = if routes.is_empty() { 3 } else { 2 };
+        assert_eq!(router.route(&request), Some(want), "{name}");
+        group.bench_function(name, |b| b.iter(|| router.route(black_box(&request))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pick, route, ring_build, config_parse);
 criterion_main!(benches);

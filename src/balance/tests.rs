@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use tokio::time::Instant;
 
 use super::*;
 use crate::admin::metrics::Metrics;
@@ -44,7 +45,7 @@ fn backends(n: usize) -> Vec<Arc<BackendState>> {
 fn load(list: &[Arc<BackendState>], loads: &[usize]) -> Vec<RequestGuard> {
     list.iter()
         .zip(loads)
-        .flat_map(|(b, &n)| (0..n).map(|_| b.start_request()))
+        .flat_map(|(b, &n)| (0..n).map(|_| b.start_request(Instant::now())))
         .collect()
 }
 
@@ -357,7 +358,7 @@ fn bounded_load_caps_every_backend_near_the_mean() {
     for k in 0..2000u64 {
         let key = hash_key(&(k % 7).to_le_bytes());
         let i = ring.pick(&list, Some(key), &|_| true).expect("eligible");
-        guards.push(list[i].start_request());
+        guards.push(list[i].start_request(Instant::now()));
         let mean = guards.len() as f64 / n as f64;
         let cap = (c * mean).ceil() as usize + 1;
         for b in &list {

@@ -107,7 +107,11 @@ pub struct RequestLog {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let elapsed = self.started.elapsed();
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
+        if let Some(guard) = self.guard.as_mut() {
+            guard.end_at(now);
+        }
         self.route.record(self.status, elapsed.as_secs_f64());
         if let Some(log) = self.log.take() {
             let RequestLog {

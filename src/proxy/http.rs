@@ -201,12 +201,17 @@ pub async fn handle(
     let mut tried = Vec::new();
     let mut attempt = 1;
     let (mut guard, backend, mut response) = loop {
-        let started_call = upstream.start_call(key, &mut tried).or_else(|| {
+        let now = if attempt == 1 {
+            started
+        } else {
+            Instant::now()
+        };
+        let started_call = upstream.start_call(key, &mut tried, now).or_else(|| {
             // A retry goes to another backend when there is one, else
             // to one already tried.
             if attempt > 1 {
                 tried.clear();
-                upstream.start_call(key, &mut tried)
+                upstream.start_call(key, &mut tried, now)
             } else {
                 None
             }
@@ -224,15 +229,11 @@ pub async fn handle(
             }
         };
         exchange.attempts = attempt;
-        let now = if attempt == 1 {
-            started
-        } else {
-            Instant::now()
-        };
         let left = deadline.saturating_duration_since(now);
         let limit = timeouts.per_try.min(left);
         // The client guard is released before waiting.
         let try_limit = TryLimit {
+            start: now,
             deadline: now + limit,
             after: limit,
         };

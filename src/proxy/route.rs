@@ -97,10 +97,12 @@ impl Router {
     /// The upstream index for a request, or `None` when nothing matches and
     /// there is no default.
     pub fn route(&self, parts: &Parts) -> Option<usize> {
-        let host = request_host(parts);
+        // The host is found only for a route that asks for it: most
+        // listeners have no routes, and finding it is a string search.
+        let mut host = None;
         let path = parts.uri.path();
         for route in &self.routes {
-            if route.matches(host, path, parts) {
+            if route.matches(&mut host, path, parts) {
                 return route.target.pick();
             }
         }
@@ -133,8 +135,15 @@ fn host_matches(want: &HostMatch, host: &str) -> bool {
 }
 
 impl Route {
-    fn matches(&self, host: Option<&str>, path: &str, parts: &Parts) -> bool {
+    /// `host` caches the request's host across routes: `None` until found.
+    fn matches<'p>(
+        &self,
+        host: &mut Option<Option<&'p str>>,
+        path: &str,
+        parts: &'p Parts,
+    ) -> bool {
         if let Some(want) = &self.host {
+            let host = *host.get_or_insert_with(|| request_host(parts));
             if !host.is_some_and(|h| host_matches(want, h)) {
                 return false;
             }

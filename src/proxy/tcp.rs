@@ -186,7 +186,7 @@ pub async fn connect_any(
     let mut tried: Vec<Arc<BackendState>> = Vec::new();
     let mut last_error = None;
     loop {
-        let Some(mut guard) = upstream.start_call(key, &mut tried) else {
+        let Some(mut guard) = upstream.start_call(key, &mut tried, Instant::now()) else {
             return Err(match last_error {
                 Some(err) => err,
                 None => upstream.no_backend(),

@@ -185,16 +185,17 @@ impl BackendState {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// Starts one call: in-flight goes up until the guard drops.
-    pub fn start_request(self: &Arc<Self>) -> RequestGuard {
+    /// Starts one call at `now`: in-flight goes up until the guard drops.
+    pub fn start_request(self: &Arc<Self>, now: Instant) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.guard()
+        self.guard(now)
     }
 
     /// Starts one call if fewer than `max` are in flight (`max == 0`: no
     /// limit); the check and the increment are one atomic step, so a
-    /// bulkhead is never exceeded by racing requests.
-    pub fn try_start_request(self: &Arc<Self>, max: usize) -> Option<RequestGuard> {
+    /// bulkhead is never exceeded by racing requests. `now` is when the call
+    /// starts, for its duration.
+    pub fn try_start_request(self: &Arc<Self>, max: usize, now: Instant) -> Option<RequestGuard> {
         if max == 0 {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -204,7 +205,7 @@ impl BackendState {
                 })
                 .ok()?;
         }
-        let mut guard = self.guard();
+        let mut guard = self.guard(now);
         // The circuit last: a call it rejects never started.
         if let Some(breaker) = self.breaker.load_full() {
             let (admission, moved) = breaker.admit();
@@ -220,11 +221,12 @@ impl BackendState {
         Some(guard)
     }
 
-    fn guard(self: &Arc<Self>) -> RequestGuard {
+    fn guard(self: &Arc<Self>, now: Instant) -> RequestGuard {
         self.metrics.in_flight.inc();
         RequestGuard {
             backend: Arc::clone(self),
-            started: Instant::now(),
+            started: now,
+            ended: None,
             outcome: Outcome::Reset,
             record: true,
             admission: None,
@@ -237,6 +239,8 @@ impl BackendState {
 pub struct RequestGuard {
     backend: Arc<BackendState>,
     started: Instant,
+    /// When the call ended, if the owner read the clock for it already.
+    ended: Option<Instant>,
     outcome: Outcome,
     /// False once abandoned: in-flight still goes down, nothing is counted.
     record: bool,
@@ -262,6 +266,12 @@ impl RequestGuard {
         }
     }
 
+    /// Records `now` as the call's end, so dropping the guard reads no
+    /// clock of its own.
+    pub fn end_at(&mut self, now: Instant) {
+        self.ended = Some(now);
+    }
+
     /// The backend this call went to.
     pub fn backend(&self) -> &Arc<BackendState> {
         &self.backend
@@ -285,8 +295,9 @@ impl Drop for RequestGuard {
         if self.outcome != Outcome::Success {
             b.failures.fetch_add(1, Ordering::Relaxed);
         }
-        b.metrics
-            .record(self.outcome, self.started.elapsed().as_secs_f64());
+        let ended = self.ended.unwrap_or_else(Instant::now);
+        let took = ended.saturating_duration_since(self.started);
+        b.metrics.record(self.outcome, took.as_secs_f64());
     }
 }
 
@@ -296,7 +307,10 @@ mod tests {
     use crate::admin::metrics::Metrics;
 
     fn backend() -> Arc<BackendState> {
-        let metrics = Metrics::new();
+        backend_in(&Metrics::new())
+    }
+
+    fn backend_in(metrics: &Metrics) -> Arc<BackendState> {
         let key = BackendKey {
             upstream: Arc::from("u"),
             address: Arc::from("127.0.0.1:1"),
@@ -312,12 +326,29 @@ mod tests {
     #[test]
     fn the_bulkhead_admits_at_most_max_and_frees_on_drop() {
         let b = backend();
-        let first = b.try_start_request(2).expect("room");
-        let _second = b.try_start_request(2).expect("room");
-        assert!(b.try_start_request(2).is_none());
+        let first = b.try_start_request(2, Instant::now()).expect("room");
+        let _second = b.try_start_request(2, Instant::now()).expect("room");
+        assert!(b.try_start_request(2, Instant::now()).is_none());
         assert_eq!(b.in_flight(), 2);
         drop(first);
-        assert!(b.try_start_request(2).is_some());
+        assert!(b.try_start_request(2, Instant::now()).is_some());
+    }
+
+    #[test]
+    fn a_call_lasts_from_its_start_to_the_end_its_owner_read() {
+        let metrics = Metrics::new();
+        let b = backend_in(&metrics);
+        let start = Instant::now();
+        let mut guard = b.try_start_request(0, start).expect("unlimited");
+        guard.set_outcome(Outcome::Success);
+        guard.end_at(start + Duration::from_millis(2500));
+        drop(guard);
+        let text = metrics.encode();
+        let sum = text
+            .lines()
+            .find(|l| l.starts_with("sluice_upstream_request_duration_seconds_sum"))
+            .expect("the duration's sum");
+        assert!(sum.ends_with(" 2.5"), "{sum}");
     }
 
     #[test]
@@ -329,7 +360,7 @@ mod tests {
             for _ in 0..8 {
                 s.spawn(|| {
                     for _ in 0..2000 {
-                        if let Some(g) = b.try_start_request(3) {
+                        if let Some(g) = b.try_start_request(3, Instant::now()) {
                             admitted.fetch_add(1, Ordering::Relaxed);
                             peak.fetch_max(b.in_flight(), Ordering::Relaxed);
                             drop(g);
@@ -369,7 +400,9 @@ mod tests {
     #[test]
     fn an_abandoned_call_counts_nothing() {
         let b = backend();
-        b.try_start_request(0).expect("unlimited").abandon();
+        b.try_start_request(0, Instant::now())
+            .expect("unlimited")
+            .abandon();
         assert_eq!((b.in_flight(), b.requests_total()), (0, 0));
     }
 }

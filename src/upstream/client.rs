@@ -74,6 +74,8 @@ pub struct Connector {
 /// How long one try on a backend may take to get its response head.
 #[derive(Debug, Clone, Copy)]
 pub struct TryLimit {
+    /// When the try started.
+    pub start: Instant,
     pub deadline: Instant,
     /// The time from the try's start to `deadline`, for the error.
     pub after: Duration,

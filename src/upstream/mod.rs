@@ -10,6 +10,8 @@ pub mod registry;
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use crate::admin::metrics::{Metrics, RetryMetrics, ShedMetrics};
 use crate::balance::{self, Balancer};
 use crate::config::UpstreamConfig;
@@ -164,16 +166,18 @@ impl Upstream {
 
     /// Picks an eligible backend not in `tried` and starts a call on it,
     /// under the per-backend bulkhead. A backend that filled up between the
-    /// pick and the start is added to `tried` and another is picked.
+    /// pick and the start is added to `tried` and another is picked. `now`
+    /// is when the call starts.
     pub fn start_call(
         &self,
         key: Option<u64>,
         tried: &mut Vec<Arc<BackendState>>,
+        now: Instant,
     ) -> Option<RequestGuard> {
         loop {
             let backend = Arc::clone(self.pick_excluding(key, tried)?);
             let max = self.config.max_in_flight_per_backend;
-            if let Some(guard) = backend.try_start_request(max) {
+            if let Some(guard) = backend.try_start_request(max, now) {
                 return Some(guard);
             }
             tried.push(backend);

@@ -34,6 +34,7 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
+use tokio::time::Instant;
 
 pub use body::{ExchangeError, ResponseBody};
 pub use pool::Pool;
@@ -107,7 +108,7 @@ impl H1Client {
         let pool = &self.inner.pool;
         let mut timer = pool.timer(limit.deadline);
         let answered = {
-            let mut call = pin!(self.call(parts, forwarded, body));
+            let mut call = pin!(self.call(parts, forwarded, body, limit.start));
             poll_fn(|cx| {
                 if let Poll::Ready(r) = call.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
@@ -132,6 +133,7 @@ impl H1Client {
         parts: &Parts,
         forwarded: &Forwarded,
         body: RequestBody,
+        now: Instant,
     ) -> Result<Response<Option<ResponseBody>>, ProxyError> {
         let inner = &*self.inner;
         let addr = inner.addr;
@@ -146,7 +148,7 @@ impl H1Client {
         );
         let mut upload =
             (framing != RequestFraming::Empty).then(|| Box::new(Upload::new(body, framing)));
-        let mut pooled = inner.pool.checkout();
+        let mut pooled = inner.pool.checkout(now);
         let (io, rbuf, head) = loop {
             let reused = pooled.is_some();
             let mut io = match pooled.take() {

@@ -103,13 +103,13 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An idle connection that still looks usable, newest first.
-    pub fn checkout(&self) -> Option<BackendStream> {
+    /// An idle connection that still looks usable at `now`, newest first.
+    pub fn checkout(&self, now: Instant) -> Option<BackendStream> {
         loop {
             let idle = {
                 let mut inner = self.lock();
                 let idle = inner.idle.pop_back()?;
-                if idle.since.elapsed() >= self.idle_timeout {
+                if now.saturating_duration_since(idle.since) >= self.idle_timeout {
                     // Everything older has expired too.
                     let expired = std::mem::take(&mut inner.idle);
                     drop(inner);
@@ -265,11 +265,11 @@ mod tests {
             servers.push(s);
         }
         assert_eq!(pool.idle(), 2);
-        let out = pool.checkout().unwrap();
+        let out = pool.checkout(Instant::now()).unwrap();
         assert_eq!(out.tcp().local_addr().unwrap().port(), ports[2]);
-        let out = pool.checkout().unwrap();
+        let out = pool.checkout(Instant::now()).unwrap();
         assert_eq!(out.tcp().local_addr().unwrap().port(), ports[1]);
-        assert!(pool.checkout().is_none());
+        assert!(pool.checkout(Instant::now()).is_none());
     }
 
     #[tokio::test]
@@ -287,9 +287,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(2)).await;
             waited += 1;
         }
-        let out = pool.checkout().unwrap();
+        let out = pool.checkout(Instant::now()).unwrap();
         assert!(still_open(&out));
-        assert!(pool.checkout().is_none());
+        assert!(pool.checkout(Instant::now()).is_none());
     }
 
     fn still_open_newest(pool: &Pool) -> bool {
@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(pool.idle(), 1, "a new sweeper runs");
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(pool.idle(), 0);
-        assert!(pool.checkout().is_none());
+        assert!(pool.checkout(Instant::now()).is_none());
     }
 
     /// A connection put back on one worker is taken out on that worker
@@ -345,7 +345,7 @@ mod tests {
         let port_on = |worker: usize| {
             let pool = Arc::clone(&pool);
             workers.handles()[worker].spawn(async move {
-                pool.checkout()
+                pool.checkout(Instant::now())
                     .map(|c| c.tcp().local_addr().unwrap().port())
             })
         };
@@ -361,6 +361,6 @@ mod tests {
         let pool = Pool::new(0, Duration::from_secs(10));
         let (c, _s) = pair(&listener).await;
         pool.checkin(c);
-        assert!(pool.checkout().is_none());
+        assert!(pool.checkout(Instant::now()).is_none());
     }
 }
