@@ -2,6 +2,7 @@
 //! head in, and the framing each implies (RFC 9112 sections 6 and 9).
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -243,6 +244,20 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"content-length")
 }
 
+/// Where `field`'s line sits in `buf` when it is exactly what
+/// [`put_field`] would write for it: `name: value` and CRLF.
+fn canonical_line(buf: &[u8], field: &httparse::Header<'_>) -> Option<Range<usize>> {
+    let base = buf.as_ptr() as usize;
+    let start = (field.name.as_ptr() as usize).checked_sub(base)?;
+    let value_start = start + field.name.len() + 2;
+    let end = value_start + field.value.len() + 2;
+    let line = buf.get(start..end)?;
+    let canonical = field.value.as_ptr() as usize == base + value_start
+        && line[field.name.len()..].starts_with(b": ")
+        && line.ends_with(b"\r\n");
+    canonical.then_some(start..end)
+}
+
 /// Whether a `Connection` field among `fields` names `name`.
 fn named_by_connection(fields: &[httparse::Header<'_>], name: &[u8]) -> bool {
     fields
@@ -301,13 +316,28 @@ pub fn parse_response(
     parts.version = version;
     let encoded = if encode && !status.is_informational() {
         let mut lines = BytesMut::with_capacity(len);
+        // Consecutive kept lines already in the form we would write go
+        // out as one copy: a backend's head is mostly such lines.
+        let mut run = 0..0;
         for field in fields {
             let name = field.name.as_bytes();
             if is_hop_by_hop(name) || (facts.names_fields && named_by_connection(fields, name)) {
                 continue;
             }
-            put_field(&mut lines, name, field.value);
+            match canonical_line(buf, field) {
+                Some(line) if !run.is_empty() && line.start == run.end => run.end = line.end,
+                Some(line) => {
+                    lines.put_slice(&buf[run]);
+                    run = line;
+                }
+                None => {
+                    lines.put_slice(&buf[run]);
+                    run = 0..0;
+                    put_field(&mut lines, name, field.value);
+                }
+            }
         }
+        lines.put_slice(&buf[run]);
         let content_length = match framing {
             ResponseFraming::Length(n) => Some(n),
             ResponseFraming::Empty if facts.length_error.is_none() => facts.length,
@@ -461,6 +491,53 @@ mod tests {
         .unwrap();
         assert!(head.encoded.is_none(), "an upgrade keeps its HeaderMap");
         assert_eq!(head.parts.headers["upgrade"], "ws");
+    }
+
+    #[test]
+    fn lines_in_our_form_are_copied_whole_and_the_rest_rewritten() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: x\r\nDate: d\r\nKeep-Alive: 5\r\n\
+            ETag: e\r\nx-ows:\tv \r\nx-bare: b\nContent-Length: 0\r\nx-last: z\r\n\r\n";
+        let head = parse_response(raw, &Method::GET, true).unwrap().unwrap();
+        assert_eq!(
+            &head.encoded.expect("encoded").lines[..],
+            b"Server: x\r\nDate: d\r\nETag: e\r\nx-ows: v\r\nx-bare: b\r\nx-last: z\r\n"
+        );
+    }
+
+    proptest::proptest! {
+        /// Relaying lines whole writes exactly what writing each kept
+        /// field on its own would, whatever the spacing and line ends.
+        #[test]
+        fn relayed_lines_are_what_field_by_field_writing_gives(
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["Server", "x-a", "ETag", "keep-alive", "TE", "upgrade", "Vary"]),
+                    proptest::sample::select(vec!["", " ", "  ", "\t"]),
+                    "[!-~]{0,3}( [!-~]{1,3})?",
+                    proptest::sample::select(vec!["", " ", "\t "]),
+                    proptest::sample::select(vec!["\r\n", "\n"]),
+                ),
+                0..10,
+            )
+        ) {
+            let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+            for (name, before, value, after, end) in &fields {
+                raw.push_str(&format!("{name}:{before}{value}{after}{end}"));
+            }
+            raw.push_str("content-length: 0\r\n\r\n");
+            let head = parse_response(raw.as_bytes(), &Method::GET, true).unwrap().unwrap();
+
+            let mut parsed = [httparse::EMPTY_HEADER; 16];
+            let mut res = httparse::Response::new(&mut parsed);
+            res.parse(raw.as_bytes()).unwrap();
+            let mut want = BytesMut::new();
+            for field in res.headers.iter() {
+                if !is_hop_by_hop(field.name.as_bytes()) {
+                    put_field(&mut want, field.name.as_bytes(), field.value);
+                }
+            }
+            proptest::prop_assert_eq!(&head.encoded.expect("encoded").lines[..], &want[..]);
+        }
     }
 
     #[test]
