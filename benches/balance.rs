@@ -8,7 +8,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::admin::metrics::Metrics;
 use sluice::balance::{self, Balancer, ConsistentHash};
-use sluice::config::{BalancerKind, HostMatch, RouteConfig, RouteTarget, DEFAULT_VNODES};
+use sluice::config::{BalancerKind, DEFAULT_VNODES};
 use sluice::proxy::route::Router;
 use sluice::upstream::backend::{BackendKey, BackendState};
 use sluice::upstream::client::ClientSettings;
@@ -107,67 +107,55 @@ fn config_parse(c: &mut Criterion) {
     });
 }
 
-/// A route to `upstream` on a host and/or a path prefix.
-fn route_to(host: Option<HostMatch>, prefix: Option<&str>, upstream: &str) -> RouteConfig {
-    RouteConfig {
-        host,
-        sni: None,
-        path_prefix: prefix.map(str::to_owned),
-        headers: vec![],
-        target: RouteTarget::Upstream(upstream.to_owned()),
-    }
+/// A config whose one listener has `routes` (TOML `[[listener.route]]`
+/// tables) over the upstreams `api`, `static`, `web` and `default`.
+fn config_with_routes(routes: &str) -> sluice::config::Config {
+    let upstreams: String = ["api", "static", "web", "default"]
+        .iter()
+        .map(|u| format!("[[upstream]]\nname = \"{u}\"\nbackends = [\"127.0.0.1:9000\"]\n"))
+        .collect();
+    let text = format!(
+        "[[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"http\"\n\
+         upstream = \"default\"\n{routes}\n{upstreams}"
+    );
+    sluice::config::from_str(&text, "bench.toml").expect("a valid config")
 }
 
 /// `Router::route` for a request that ends at the last candidate: no routes
 /// (the listener's default), path prefixes, and hosts.
 fn route(c: &mut Criterion) {
-    let index_of = |name: &str| {
-        ["api", "static", "web", "default"]
-            .iter()
-            .position(|n| *n == name)
-    };
     let request = http::Request::get("/web/index.html")
         .header("host", "www.example.com:8080")
         .body(())
         .expect("valid request")
         .into_parts()
         .0;
+    let route = |key: &str, value: &str, upstream: &str| {
+        format!("[[listener.route]]\n{key} = \"{value}\"\nupstream = \"{upstream}\"\n")
+    };
     let cases = [
-        ("no_routes", vec![]),
+        ("no_routes", String::new()),
         (
             "path_prefixes",
-            vec![
-                route_to(None, Some("/api/"), "api"),
-                route_to(None, Some("/static/"), "static"),
-                route_to(None, Some("/web/"), "web"),
-            ],
+            route("path_prefix", "/api/", "api")
+                + &route("path_prefix", "/static/", "static")
+                + &route("path_prefix", "/web/", "web"),
         ),
         (
             "hosts",
-            vec![
-                route_to(
-                    Some(HostMatch::Exact("api.example.com".into())),
-                    None,
-                    "api",
-                ),
-                route_to(
-                    Some(HostMatch::Suffix(".cdn.example.com".into())),
-                    None,
-                    "static",
-                ),
-                route_to(
-                    Some(HostMatch::Exact("www.example.com".into())),
-                    None,
-                    "web",
-                ),
-            ],
+            route("host", "api.example.com", "api")
+                + &route("host", "*.cdn.example.com", "static")
+                + &route("host", "www.example.com", "web"),
         ),
     ];
     let mut group = c.benchmark_group("route");
     for (name, routes) in cases {
-        let router = Router::new(&routes, Some("default"), &index_of);
-        let want = if routes.is_empty() { 3 } else { 2 };
-        assert_eq!(router.route(&request), Some(want), "{name}");
+        let config = config_with_routes(&routes);
+        let index_of = |n: &str| config.upstreams.iter().position(|u| u.name == n);
+        let listener = &config.listeners[0];
+        let router = Router::new(&listener.routes, listener.upstream.as_deref(), &index_of);
+        let want = index_of(if routes.is_empty() { "default" } else { "web" });
+        assert_eq!(router.route(&request), want, "{name}");
         group.bench_function(name, |b| b.iter(|| router.route(black_box(&request))));
     }
     group.finish();
