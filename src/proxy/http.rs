@@ -234,7 +234,6 @@ pub async fn handle(
         // The client guard is released before waiting.
         let try_limit = TryLimit {
             start: now,
-            deadline: now + limit,
             after: limit,
         };
         let result = backend

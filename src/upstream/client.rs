@@ -76,9 +76,15 @@ pub struct Connector {
 pub struct TryLimit {
     /// When the try started.
     pub start: Instant,
-    pub deadline: Instant,
-    /// The time from the try's start to `deadline`, for the error.
+    /// How long it may take.
     pub after: Duration,
+}
+
+impl TryLimit {
+    /// When the response head must have arrived.
+    pub fn deadline(&self) -> Instant {
+        self.start + self.after
+    }
 }
 
 /// A connection to a backend: plain TCP, or TLS over it.
@@ -391,7 +397,7 @@ impl UpstreamClient {
                     Ok(response.map(|b| b.map_or(UpstreamBody::Empty, UpstreamBody::H1)))
                 }
                 Call::Hyper(sending) => {
-                    let sent = tokio::time::timeout_at(limit.deadline, sending).await;
+                    let sent = tokio::time::timeout_at(limit.deadline(), sending).await;
                     let timeout = |_| ProxyError::Timeout {
                         addr,
                         after: limit.after,

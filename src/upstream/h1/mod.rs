@@ -106,14 +106,15 @@ impl H1Client {
         limit: TryLimit,
     ) -> Result<Response<Option<ResponseBody>>, ProxyError> {
         let pool = &self.inner.pool;
-        let mut timer = pool.timer(limit.deadline);
+        let deadline = limit.deadline();
+        let mut timer = pool.timer(deadline);
         let answered = {
             let mut call = pin!(self.call(parts, forwarded, body, limit.start));
             poll_fn(|cx| {
                 if let Poll::Ready(r) = call.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                ready!(timer::poll_deadline(timer.as_mut(), limit.deadline, cx));
+                ready!(timer::poll_deadline(timer.as_mut(), deadline, cx));
                 Poll::Ready(None)
             })
             .await
