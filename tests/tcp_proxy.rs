@@ -257,23 +257,44 @@ async fn least_conn_counts_open_sessions() {
     }
     // With every session still open, least_conn alternates: 3 and 3.
     assert_eq!(names.iter().filter(|n| *n == "a").count(), 3, "{names:?}");
-    // Close two sessions on a: the next two go to a.
+    // Close two sessions on a and wait until the proxy has ended them: a
+    // then has 1 open and b 3, so the next two sessions both go to a.
+    let mut kept = Vec::new();
     let mut closed = 0;
-    for (i, n) in names.iter().enumerate() {
+    for (n, s) in names.iter().zip(held) {
         if n == "a" && closed < 2 {
-            held[i].shutdown().await.expect("close");
+            drop(s);
             closed += 1;
+        } else {
+            kept.push(s);
         }
     }
-    drop(held);
-    // All sessions closed now; open 2 + hold, then check balance stays even.
+    wait_in_flight(&proxy, a.addr, 1).await;
+    wait_in_flight(&proxy, b.addr, 3).await;
     let mut again = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.expect("connect");
         again.push(String::from_utf8(read_n(&mut s, 1).await).expect("utf8"));
-        std::mem::forget(s);
+        kept.push(s);
     }
-    assert_eq!(again.iter().filter(|n| *n == "a").count(), 2, "{again:?}");
+    assert_eq!(again, ["a", "a"]);
+}
+
+/// Polls /metrics until `backend` of upstream "app" has `n` open sessions.
+async fn wait_in_flight(proxy: &sluice::runtime::Running, backend: SocketAddr, n: usize) {
+    let want = format!("sluice_upstream_in_flight{{backend=\"{backend}\",upstream=\"app\"}} {n}\n");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = admin_get(proxy, "/metrics").await.body;
+        if m.contains(&want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{backend} never had {n} open sessions:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
