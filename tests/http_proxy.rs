@@ -1133,3 +1133,37 @@ async fn first_bytes_arriving_in_pieces_still_pick_the_protocol() {
         .expect("read");
     assert_eq!(frame[3], 4, "a SETTINGS frame: {frame:?}");
 }
+
+/// The worker's poller turns (`runtime.busy_poll`) while `during` elapses.
+/// The proxy runs on the test's thread: one worker, the test's runtime.
+async fn poller_turns_during(during: Duration) -> u64 {
+    let before = sluice::runtime::busy_poll::turns();
+    tokio::time::sleep(during).await;
+    sluice::runtime::busy_poll::turns() - before
+}
+
+#[tokio::test]
+async fn with_busy_poll_the_worker_polls_after_requests_and_sleeps_when_quiet() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&format!(
+        "[runtime]\nworkers = 1\nbusy_poll = \"100ms\"\n{}",
+        simple_config(&[&a], "")
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(poller_turns_during(Duration::from_millis(100)).await, 0);
+    for _ in 0..2 {
+        assert_eq!(get(addr, "/").await.body, "a");
+        assert!(
+            poller_turns_during(Duration::from_millis(30)).await > 0,
+            "a request starts the polling"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            poller_turns_during(Duration::from_millis(100)).await,
+            0,
+            "a quiet window ends it"
+        );
+    }
+}

@@ -614,6 +614,13 @@ async fn restart_only_settings_refuse_the_reload_and_the_rest_follows_it() {
             "runtime.workers",
         ),
         (
+            format!(
+                "[runtime]\nbusy_poll = \"50us\"\n{}",
+                simple_config(&[&b], "")
+            ),
+            "runtime.busy_poll",
+        ),
+        (
             format!("[log]\nformat = \"json\"\n{}", simple_config(&[&b], "")),
             "log.format",
         ),

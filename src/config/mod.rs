@@ -51,6 +51,9 @@ pub struct RuntimeConfig {
     /// DNS servers that `discovery` asks; empty means the system's
     /// (`/etc/resolv.conf`).
     pub dns_servers: Vec<SocketAddr>,
+    /// How long a worker keeps polling for events, instead of sleeping,
+    /// after its last new connection or request; zero: it sleeps at once.
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -22,6 +22,7 @@ backends = ["127.0.0.1:9001"]
 const FULL: &str = r#"
 [runtime]
 workers = 4
+busy_poll = "200us"
 
 [admin]
 listen = "127.0.0.1:9902"
@@ -135,6 +136,7 @@ fn minimal_config_gets_every_default() {
 
     assert_eq!(config.source.path, Path::new("sluice.toml"));
     assert_eq!(config.runtime.workers, 0);
+    assert_eq!(config.runtime.busy_poll, Duration::ZERO);
     assert_eq!(config.admin.listen, addr("127.0.0.1:9901"));
     assert_eq!(config.admin.token, None);
     assert_eq!(config.log.format, LogFormat::Text);
@@ -180,6 +182,7 @@ fn every_key_of_the_full_example_is_read() {
     let config = parse(FULL);
 
     assert_eq!(config.runtime.workers, 4);
+    assert_eq!(config.runtime.busy_poll, Duration::from_micros(200));
     assert_eq!(config.admin.listen, addr("127.0.0.1:9902"));
     assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
     assert_eq!(config.log.format, LogFormat::Json);
@@ -372,6 +375,17 @@ fn dns_servers_take_ips_with_or_without_a_port() {
     assert_eq!(error.path, "runtime.dns_servers[0]");
     assert!(
         error.message.contains("the host must be an ip address"),
+        "{}",
+        error.message
+    );
+}
+
+#[test]
+fn busy_poll_is_a_duration() {
+    let error = one_error(&format!("{MINIMAL}\n[runtime]\nbusy_poll = 50\n"));
+    assert_eq!(error.path, "runtime.busy_poll");
+    assert!(
+        error.message.contains("found integer 50"),
         "{}",
         error.message
     );

@@ -35,7 +35,7 @@ use crate::tls::{self, files};
 const ROOT_KEYS: &[&str] = &[
     "runtime", "admin", "log", "shutdown", "listener", "upstream",
 ];
-const RUNTIME_KEYS: &[&str] = &["workers", "dns_servers"];
+const RUNTIME_KEYS: &[&str] = &["workers", "dns_servers", "busy_poll"];
 const ADMIN_KEYS: &[&str] = &["listen", "token"];
 const LOG_KEYS: &[&str] = &["format", "access_log"];
 const SHUTDOWN_KEYS: &[&str] = &["drain_delay", "grace"];
@@ -212,6 +212,7 @@ fn runtime(t: &TableReader<'_, '_>, problems: &mut Problems) -> RuntimeConfig {
     RuntimeConfig {
         workers: count(t, problems, "workers", 0, 0),
         dns_servers: dns_servers(t, problems),
+        busy_poll: duration(t, problems, "busy_poll", Duration::ZERO),
     }
 }
 

@@ -29,6 +29,7 @@ use crate::proxy::forwarded::{Forwarded, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FO
 use crate::proxy::h1;
 use crate::proxy::route::request_host;
 use crate::resilience::retry::{self, RetryOn};
+use crate::runtime::busy_poll;
 use crate::state::{ListenerRuntime, Shared};
 use crate::upstream::client::TryLimit;
 
@@ -139,6 +140,7 @@ pub async fn handle(
     conn: &ConnInfo,
     req: Request<RequestBody>,
 ) -> Response<ProxyBody> {
+    busy_poll::note_work();
     let started = Instant::now();
     let snapshot = shared.snapshot.load_full();
     let (mut parts, body) = req.into_parts();

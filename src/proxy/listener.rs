@@ -38,6 +38,7 @@ use crate::proxy::lazy::LazyTcp;
 use crate::proxy::park::{self, Parking};
 use crate::proxy::{buffers, h1, h2};
 use crate::proxy::{proxy_protocol, tcp};
+use crate::runtime::busy_poll;
 use crate::state::Shared;
 use crate::tls::server::{self as tls_server, TlsAcceptor};
 
@@ -427,6 +428,7 @@ async fn accept_loop(
 /// Serves an accepted connection on its own task, unless the listener is
 /// at `max_connections`.
 fn admit(ctx: &Arc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
+    busy_poll::note_work();
     if ctx.active.load(Ordering::Relaxed) >= ctx.max_connections {
         ctx.metrics.rejected.inc();
         return;

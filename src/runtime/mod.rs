@@ -11,6 +11,7 @@
 //! worker threads, each with its own event loop and its own accept loop for
 //! every listener.
 
+pub mod busy_poll;
 pub mod discovery;
 mod listeners;
 pub mod reload;
@@ -265,6 +266,9 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
     let admin = admin_socket.local_addr().map_err(admin_failure)?;
     let workers =
         Workers::start(workers::resolve(config.runtime.workers)).map_err(RunError::Workers)?;
+    if !config.runtime.busy_poll.is_zero() {
+        workers.busy_poll(config.runtime.busy_poll);
+    }
     let plan = listeners::plan(&[], &config.listeners, workers.len()).await?;
 
     let mut discovery = Discovery::default();

@@ -6,8 +6,9 @@
 //! and the accept loops. Everything that can fail happens before the swap:
 //! on any failure the old snapshot keeps serving, the error is logged with
 //! its location and `sluice_config_reloads_total{result="failure"}` counts
-//! it. `admin.listen`, `runtime.workers` and `log.format` are fixed at
-//! start; a reload that changes them is refused as a whole.
+//! it. `admin.listen`, `runtime.workers`, `runtime.busy_poll` and
+//! `log.format` are fixed at start; a reload that changes them is refused
+//! as a whole.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -137,6 +138,9 @@ impl Control {
         }
         if old.config.runtime.workers != new.runtime.workers {
             return Err(ReloadError::NeedsRestart("runtime.workers"));
+        }
+        if old.config.runtime.busy_poll != new.runtime.busy_poll {
+            return Err(ReloadError::NeedsRestart("runtime.busy_poll"));
         }
         if old.config.log.format != new.log.format {
             return Err(ReloadError::NeedsRestart("log.format"));

@@ -19,9 +19,12 @@ use std::cell::Cell;
 use std::io;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::busy_poll;
 
 thread_local! {
     /// The index of the worker running on this thread; 0 on every thread
@@ -56,6 +59,7 @@ pub fn resolve(configured: usize) -> usize {
 /// runtimes, and every task still on them, are dropped.
 pub struct Workers {
     handles: Vec<Handle>,
+    stop: CancellationToken,
     _stop: DropGuard,
 }
 
@@ -83,8 +87,17 @@ impl Workers {
         MOST.fetch_max(count, Ordering::Relaxed);
         Ok(Workers {
             handles,
+            stop: stop.clone(),
             _stop: stop.drop_guard(),
         })
+    }
+
+    /// Starts each worker's poller (`runtime.busy_poll`); they stop with
+    /// the workers.
+    pub fn busy_poll(&self, window: Duration) {
+        for handle in &self.handles {
+            handle.spawn(busy_poll::run(window, self.stop.clone()));
+        }
     }
 
     /// One handle per worker, by index.
