@@ -8,8 +8,8 @@
 //! thread sleeping on the other CPU took 7.9 µs instead of 1.0 µs. Under
 //! load that cost lands on whatever sends to the proxy (clients and
 //! backends sharing a machine with it pay it in their own CPU time) and
-//! on latency. HAProxy's `busy-polling` answers the same problem the same
-//! way.
+//! on latency. HAProxy's `busy-polling` answers the same problem by never
+//! sleeping; this poller stops polling once the traffic stops.
 //!
 //! With a window set, each worker runs one more task, the poller. While
 //! work keeps arriving (a new connection, a new request) it yields on
