@@ -272,22 +272,6 @@ async fn a_reload_that_removes_a_backend_or_an_upstream_removes_its_series() {
     );
 }
 
-/// Polls /metrics until `done` holds for its text, and returns the text.
-async fn wait_metrics(proxy: &sluice::runtime::Running, done: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = admin_get(proxy, "/metrics").await.body;
-        if done(&text) {
-            return text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "metrics never reached the expected state:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn with_every_circuit_open_requests_are_shed_as_circuit_open() {
     let a = Backend::start("a").await;

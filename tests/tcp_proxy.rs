@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice::proxy::proxy_protocol::{self, ProxyHeader};
-use support::{admin_get, start_proxy};
+use support::{admin_get, start_proxy, wait_metrics};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -120,31 +120,23 @@ async fn bytes_flow_both_ways_and_sessions_are_counted() {
     assert!(rest.is_empty());
     drop(s);
     // The session ends once both directions have closed.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = admin_get(&proxy, "/metrics").await.body;
-        let closed = m.contains(&in_flight.replace("} 1", "} 0"));
-        if closed {
-            assert!(
-                m.contains("sluice_tcp_bytes_total{direction=\"rx\",listener=\"l4\"} 14"),
-                "{m}"
-            );
-            assert!(
-                m.contains("sluice_tcp_bytes_total{direction=\"tx\",listener=\"l4\"} 14"),
-                "{m}"
-            );
-            assert!(m.contains(&format!(
-                "sluice_upstream_requests_total{{backend=\"{}\",outcome=\"success\",upstream=\"app\"}} 1",
-                echo.addr
-            )), "{m}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "session never ended:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let closed = in_flight.replace("} 1", "} 0");
+    let m = wait_metrics(&proxy, |m| m.contains(&closed)).await;
+    assert!(
+        m.contains("sluice_tcp_bytes_total{direction=\"rx\",listener=\"l4\"} 14"),
+        "{m}"
+    );
+    assert!(
+        m.contains("sluice_tcp_bytes_total{direction=\"tx\",listener=\"l4\"} 14"),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+        "sluice_upstream_requests_total{{backend=\"{}\",outcome=\"success\",upstream=\"app\"}} 1",
+        echo.addr
+    )),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -280,21 +272,10 @@ async fn least_conn_counts_open_sessions() {
     assert_eq!(again, ["a", "a"]);
 }
 
-/// Polls /metrics until `backend` of upstream "app" has `n` open sessions.
+/// Waits until `backend` of upstream "app" has `n` open sessions.
 async fn wait_in_flight(proxy: &sluice::runtime::Running, backend: SocketAddr, n: usize) {
     let want = format!("sluice_upstream_in_flight{{backend=\"{backend}\",upstream=\"app\"}} {n}\n");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = admin_get(proxy, "/metrics").await.body;
-        if m.contains(&want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{backend} never had {n} open sessions:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_metrics(proxy, |m| m.contains(&want)).await;
 }
 
 #[tokio::test]

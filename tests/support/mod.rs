@@ -421,6 +421,22 @@ pub async fn admin_get(running: &Running, path: &str) -> Answer {
     get(running.admin, path).await
 }
 
+/// Polls /metrics until `done` holds for its text, and returns the text.
+pub async fn wait_metrics(proxy: &Running, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = admin_get(proxy, "/metrics").await.body;
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never reached the expected state:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Sends raw bytes on a new connection and reads until the server closes or
 /// `limit` passes.
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> String {
