@@ -58,10 +58,7 @@ pub fn turns() -> u64 {
 /// The poller of the worker it runs on: polls for `window` after each new
 /// piece of work, until `stop`.
 pub async fn run(window: Duration, stop: CancellationToken) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = poll_while_busy(window) => {}
-    }
+    stop.run_until_cancelled(poll_while_busy(window)).await;
 }
 
 async fn poll_while_busy(window: Duration) {

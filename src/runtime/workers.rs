@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use super::busy_poll;
 
@@ -59,8 +59,14 @@ pub fn resolve(configured: usize) -> usize {
 /// runtimes, and every task still on them, are dropped.
 pub struct Workers {
     handles: Vec<Handle>,
+    /// Cancelled on drop: the started runtimes end, and the pollers.
     stop: CancellationToken,
-    _stop: DropGuard,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Workers {
@@ -85,11 +91,7 @@ impl Workers {
                 })?;
         }
         MOST.fetch_max(count, Ordering::Relaxed);
-        Ok(Workers {
-            handles,
-            stop: stop.clone(),
-            _stop: stop.drop_guard(),
-        })
+        Ok(Workers { handles, stop })
     }
 
     /// Starts each worker's poller (`runtime.busy_poll`); they stop with
