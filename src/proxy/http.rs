@@ -398,7 +398,7 @@ fn request_log(
     }
 }
 
-/// Counts a request that the HTTP/1.1 codec refused before routing (400,
+/// Counts a request that the HTTP/1.1 or HTTP/2 codec refused before routing (400,
 /// 408, 431, ...), in `sluice_http_requests_total` with an empty upstream
 /// and in the access log.
 pub fn record_refused(shared: &Shared, conn: &ConnInfo, status: u16, reason: &'static str) {

@@ -694,16 +694,17 @@ async fn serve_h1<T: h1::Transport>(
         let parked = usize::try_from(ctx.metrics.parked.get()).unwrap_or(0);
         Some(park::park_after(ctx.active.load(Ordering::Relaxed), parked))
     };
+    let refused = |status, reason| record_refused(shared, info, status, reason);
     let close = ctx.close.clone();
-    match h1::serve_connection_parkable(stream, first, &ctx.settings, close, handler, park_after)
-        .await
+    let settings = &ctx.settings;
+    match h1::serve_connection_parkable(
+        stream, first, settings, close, handler, refused, park_after,
+    )
+    .await
     {
         Ok(h1::Ended::Parked { socket, idle }) => Some((socket, idle)),
         Ok(h1::Ended::Closed) => None,
         Err(err) => {
-            if let h1::ServeError::Rejected { status, reason, .. } = &err {
-                record_refused(shared, info, status.as_u16(), reason);
-            }
             tracing::debug!(error = %err, "connection ended with an error");
             None
         }

@@ -272,9 +272,18 @@ where
     B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
-    serve_connection_parkable(io, BytesMut::new(), settings, shutdown, handler, || None)
-        .await
-        .map(|_| ())
+    let refused = |_, _| {};
+    serve_connection_parkable(
+        io,
+        BytesMut::new(),
+        settings,
+        shutdown,
+        handler,
+        refused,
+        || None,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// How [`serve_connection_parkable`] ended, other than by an error.
@@ -296,12 +305,16 @@ pub enum Ended {
 /// `park_after` says (asked each time it goes idle; `None` never) is handed
 /// back as [`Ended::Parked`] instead of keeping its task. `first` holds
 /// bytes already read from the connection (the start of the first request).
+/// `refused(status, reason)` hears of each request refused with a generated
+/// response before that response is written, so a client that has read it
+/// finds the refusal already counted.
 pub async fn serve_connection_parkable<T, H, Fut, B>(
     io: T,
     first: BytesMut,
     settings: &H1Settings,
     shutdown: CancellationToken,
     mut handler: H,
+    refused: impl Fn(u16, &'static str) + Sync,
     park_after: impl Fn() -> Option<Duration> + Sync,
 ) -> Result<Ended, ServeError>
 where
@@ -324,6 +337,7 @@ where
         settings,
         &shutdown,
         &mut handler,
+        &refused,
         &park_after,
     )
     .await;
@@ -387,6 +401,7 @@ async fn serve<H, Fut, B>(
     settings: &H1Settings,
     shutdown: &CancellationToken,
     handler: &mut H,
+    refused: &(dyn Fn(u16, &'static str) + Sync),
     park_after: &(dyn Fn() -> Option<Duration> + Sync),
 ) -> Result<Arrival, ServeError>
 where
@@ -436,7 +451,7 @@ where
         // per request.
         let step = Box::into_pin(Box::write(
             Box::new_uninit(),
-            serve_request(conn, wbuf, settings, shutdown, handler),
+            serve_request(conn, wbuf, settings, shutdown, handler, refused),
         ))
         .await?;
         if let Step::Close = step {
@@ -458,6 +473,7 @@ async fn serve_request<H, Fut, B>(
     settings: &H1Settings,
     shutdown: &CancellationToken,
     handler: &mut H,
+    refused: &(dyn Fn(u16, &'static str) + Sync),
 ) -> Result<Step, ServeError>
 where
     H: FnMut(Request<RequestBody>) -> Fut,
@@ -477,6 +493,7 @@ where
                 detail = reject.detail,
                 "refused request"
             );
+            refused(reject.status.as_u16(), reject.reason);
             write::write_generated(conn, wbuf, &reject)
                 .await
                 .map_err(ServeError::Io)?;

@@ -49,6 +49,8 @@ fn chan_body() -> (mpsc::Sender<Frame<Bytes>>, ChanBody) {
 struct Server {
     addr: std::net::SocketAddr,
     calls: Arc<AtomicUsize>,
+    /// `(status, reason)` of each refused request, as `refused` heard it.
+    refused: Arc<std::sync::Mutex<Vec<(u16, &'static str)>>>,
     shutdown: CancellationToken,
     results: mpsc::UnboundedReceiver<Result<(), ServeError>>,
 }
@@ -64,6 +66,10 @@ impl Server {
 
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    fn refused(&self) -> Vec<(u16, &'static str)> {
+        self.refused.lock().expect("refused list").clone()
     }
 }
 
@@ -87,20 +93,39 @@ where
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let calls = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
     let shutdown = CancellationToken::new();
     let (tx, results) = mpsc::unbounded_channel();
-    let (calls2, token) = (calls.clone(), shutdown.clone());
+    let (calls2, refused2, token) = (calls.clone(), refused.clone(), shutdown.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let (handler, calls, token, tx) =
-                (handler.clone(), calls2.clone(), token.clone(), tx.clone());
+            let (handler, calls, refused, token, tx) = (
+                handler.clone(),
+                calls2.clone(),
+                refused2.clone(),
+                token.clone(),
+                tx.clone(),
+            );
             let settings = settings.clone();
             tokio::spawn(async move {
-                let res = serve_connection(stream, &settings, token, move |req| {
+                let handler = move |req| {
                     calls.fetch_add(1, Ordering::SeqCst);
                     handler(req)
-                })
-                .await;
+                };
+                let refused = |status, reason| {
+                    refused.lock().expect("refused list").push((status, reason));
+                };
+                let res = serve_connection_parkable(
+                    stream,
+                    BytesMut::new(),
+                    &settings,
+                    token,
+                    handler,
+                    refused,
+                    || None,
+                )
+                .await
+                .map(|_| ());
                 let _ = tx.send(res);
             });
         }
@@ -108,6 +133,7 @@ where
     Server {
         addr,
         calls,
+        refused,
         shutdown,
         results,
     }
@@ -581,6 +607,7 @@ async fn header_timeout_answers_408_with_sluice_error() {
     let resp = client.response().await;
     assert_eq!(resp.status, 408);
     assert_eq!(resp.header("sluice-error"), Some("request-timeout"));
+    assert_eq!(server.refused(), [(408, "request-timeout")]);
     assert_eq!(resp.header("connection"), Some("close"));
     assert!(client.is_closed().await);
     assert!(matches!(
@@ -706,6 +733,8 @@ async fn malformed_and_smuggling_requests_are_refused_before_the_handler() {
         let resp = client.response().await;
         assert_eq!(resp.status, status, "{name}: {}", resp.text());
         assert_eq!(resp.header("sluice-error"), Some(reason), "{name}");
+        // Heard of before the response was written, so before it was read.
+        assert_eq!(server.refused().last(), Some(&(status, reason)), "{name}");
         assert_eq!(resp.header("connection"), Some("close"), "{name}");
         assert_eq!(
             resp.header("content-type"),
