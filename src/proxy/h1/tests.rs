@@ -341,6 +341,97 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
     assert_eq!(server.calls(), 4);
 }
 
+/// A body that, when dropped, gives the client a moment to read the
+/// response and notes whether it did.
+struct NotedBody {
+    inner: Full<Bytes>,
+    /// Set by the client once it has read the response.
+    read: Arc<std::sync::atomic::AtomicBool>,
+    /// Set on drop: whether the client had read the response by then.
+    read_first: Arc<std::sync::Mutex<Option<bool>>>,
+}
+
+impl ResponseFields for NotedBody {}
+
+impl Drop for NotedBody {
+    fn drop(&mut self) {
+        // Blocks this worker thread; the client runs on the other one.
+        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        while !self.read.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let read = self.read.load(Ordering::SeqCst);
+        *self.read_first.lock().expect("noted") = Some(read);
+    }
+}
+
+impl Body for NotedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response without body bytes (empty, 204, or to HEAD) drops its body
+/// before the response goes out, as a body that runs to its end does, so
+/// what the body records when it ends (the request's metrics and access
+/// log line) is recorded before the client can read the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_without_body_bytes_drops_its_body_before_it_is_sent() {
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let read_first = Arc::new(std::sync::Mutex::new(None));
+    let (read2, read_first2) = (read.clone(), read_first.clone());
+    let server = serve(settings(), move |req: Request<RequestBody>| {
+        let (read, read_first) = (read2.clone(), read_first2.clone());
+        async move {
+            let (status, bytes) = match req.uri().path() {
+                "/empty" => (StatusCode::OK, Bytes::new()),
+                "/no-content" => (StatusCode::NO_CONTENT, Bytes::new()),
+                _ => (StatusCode::OK, Bytes::from_static(b"hello")),
+            };
+            let body = NotedBody {
+                inner: Full::new(bytes),
+                read,
+                read_first,
+            };
+            let mut res = Response::new(body);
+            *res.status_mut() = status;
+            res
+        }
+    })
+    .await;
+    let mut client = Client::connect(server.addr).await;
+    for (request, status) in [
+        ("GET /empty HTTP/1.1\r\nhost: a\r\n\r\n", 200),
+        ("GET /no-content HTTP/1.1\r\nhost: a\r\n\r\n", 204),
+        ("HEAD /hello HTTP/1.1\r\nhost: a\r\n\r\n", 200),
+        ("GET /hello HTTP/1.1\r\nhost: a\r\n\r\n", 200),
+    ] {
+        read.store(false, Ordering::SeqCst);
+        client.send(request.as_bytes()).await;
+        let resp = if request.starts_with("HEAD") {
+            client.response_without_body().await
+        } else {
+            client.response().await
+        };
+        read.store(true, Ordering::SeqCst);
+        assert_eq!(resp.status, status, "{request}");
+        // The drop has happened: the response was only sent after it.
+        let noted = read_first.lock().expect("noted").take();
+        assert_eq!(noted, Some(false), "{request}");
+    }
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
     let server = serve(settings(), |req: Request<RequestBody>| async move {

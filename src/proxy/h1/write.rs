@@ -172,7 +172,13 @@ where
         None => encode_head(wbuf, parts.status, &parts.headers, &extra),
     }
     let complete = match framing {
-        Framing::None | Framing::Length(0) => true,
+        Framing::None | Framing::Length(0) => {
+            // Dropped before the flush, like a body that ran to its end,
+            // so whatever it records when it ends is recorded before the
+            // client can read the response.
+            drop(body);
+            true
+        }
         _ => write_body(conn, wbuf, body, framing).await?,
     };
     flush_buf(conn, wbuf).await.map_err(ServeError::Io)?;
