@@ -688,19 +688,9 @@ async fn serve_h1<T: h1::Transport>(
         }
         response
     };
-    // Open and parked connections of the listener, on every worker.
-    let park_after = || {
-        ctx.parking.as_ref()?;
-        let parked = usize::try_from(ctx.metrics.parked.get()).unwrap_or(0);
-        Some(park::park_after(ctx.active.load(Ordering::Relaxed), parked))
-    };
-    let refused = |status, reason| record_refused(shared, info, status, reason);
+    let hooks = H1Hooks { ctx, info };
     let close = ctx.close.clone();
-    let settings = &ctx.settings;
-    match h1::serve_connection_parkable(
-        stream, first, settings, close, handler, refused, park_after,
-    )
-    .await
+    match h1::serve_connection_parkable(stream, first, &ctx.settings, close, handler, &hooks).await
     {
         Ok(h1::Ended::Parked { socket, idle }) => Some((socket, idle)),
         Ok(h1::Ended::Closed) => None,
@@ -708,6 +698,26 @@ async fn serve_h1<T: h1::Transport>(
             tracing::debug!(error = %err, "connection ended with an error");
             None
         }
+    }
+}
+
+/// What the HTTP/1 codec asks of a listener's connection and tells it.
+struct H1Hooks<'a> {
+    ctx: &'a ListenerCtx,
+    info: &'a ConnInfo,
+}
+
+impl h1::Hooks for H1Hooks<'_> {
+    /// From the listener's open and parked connections, on every worker.
+    fn park_after(&self) -> Option<Duration> {
+        self.ctx.parking.as_ref()?;
+        let parked = usize::try_from(self.ctx.metrics.parked.get()).unwrap_or(0);
+        let open = self.ctx.active.load(Ordering::Relaxed);
+        Some(park::park_after(open, parked))
+    }
+
+    fn refused(&self, status: u16, reason: &'static str) {
+        record_refused(&self.ctx.shared, self.info, status, reason);
     }
 }
 
@@ -869,6 +879,6 @@ mod tests {
     fn a_connection_task_stays_small() {
         let size = output_size(serve_conn);
         println!("connection future: {size} bytes");
-        assert!(size <= 1368, "connection future grew to {size} bytes");
+        assert!(size <= 1352, "connection future grew to {size} bytes");
     }
 }

@@ -272,26 +272,35 @@ where
     B: http_body::Body<Data = Bytes> + ResponseFields,
     B::Error: Into<BoxError>,
 {
-    let refused = |_, _| {};
-    serve_connection_parkable(
-        io,
-        BytesMut::new(),
-        settings,
-        shutdown,
-        handler,
-        refused,
-        || None,
-    )
-    .await
-    .map(|_| ())
+    serve_connection_parkable(io, BytesMut::new(), settings, shutdown, handler, &())
+        .await
+        .map(|_| ())
 }
+
+/// What [`serve_connection_parkable`] asks of its caller, and tells it,
+/// besides the requests themselves. `()` never parks and hears nothing.
+pub trait Hooks: Sync {
+    /// How long a connection may wait for its next request before it is
+    /// handed back as [`Ended::Parked`]; `None` never. Asked each time the
+    /// connection goes idle.
+    fn park_after(&self) -> Option<Duration> {
+        None
+    }
+
+    /// A request refused with a generated response (400, 408, 431, ...),
+    /// heard before that response is written, so a client that has read it
+    /// finds the refusal already counted.
+    fn refused(&self, _status: u16, _reason: &'static str) {}
+}
+
+impl Hooks for () {}
 
 /// How [`serve_connection_parkable`] ended, other than by an error.
 #[derive(Debug)]
 pub enum Ended {
     /// Closed by the client, the idle timeout or a shutdown.
     Closed,
-    /// Idle between requests for as long as `park_after` said, with no
+    /// Idle between requests for as long as [`Hooks::park_after`] said, with no
     /// unread byte: the socket, deregistered from the reactor, for the
     /// caller to park (see `proxy::park`), and how long it has been idle.
     Parked {
@@ -302,20 +311,17 @@ pub enum Ended {
 
 /// [`serve_connection`], where a connection whose transport is a plain
 /// `TcpStream` and that waits for its next request for as long as
-/// `park_after` says (asked each time it goes idle; `None` never) is handed
-/// back as [`Ended::Parked`] instead of keeping its task. `first` holds
-/// bytes already read from the connection (the start of the first request).
-/// `refused(status, reason)` hears of each request refused with a generated
-/// response before that response is written, so a client that has read it
-/// finds the refusal already counted.
+/// [`Hooks::park_after`] says is handed back as [`Ended::Parked`] instead of
+/// keeping its task, and each refused request is told to
+/// [`Hooks::refused`]. `first` holds bytes already read from the connection
+/// (the start of the first request).
 pub async fn serve_connection_parkable<T, H, Fut, B>(
     io: T,
     first: BytesMut,
     settings: &H1Settings,
     shutdown: CancellationToken,
     mut handler: H,
-    refused: impl Fn(u16, &'static str) + Sync,
-    park_after: impl Fn() -> Option<Duration> + Sync,
+    hooks: &dyn Hooks,
 ) -> Result<Ended, ServeError>
 where
     T: Transport,
@@ -326,7 +332,6 @@ where
 {
     let parkable = io.parkable();
     let io: Box<dyn Transport> = Box::new(io);
-    let park_after = || park_after().filter(|p| parkable && *p < settings.idle_timeout);
     let mut state = conn::Conn::new(io, settings.max_head_bytes, settings.max_headers);
     state.rbuf = first;
     let conn: Shared = Arc::new(Mutex::new(state));
@@ -337,8 +342,8 @@ where
         settings,
         &shutdown,
         &mut handler,
-        &refused,
-        &park_after,
+        hooks,
+        parkable,
     )
     .await;
     give_buf(wbuf);
@@ -401,8 +406,8 @@ async fn serve<H, Fut, B>(
     settings: &H1Settings,
     shutdown: &CancellationToken,
     handler: &mut H,
-    refused: &(dyn Fn(u16, &'static str) + Sync),
-    park_after: &(dyn Fn() -> Option<Duration> + Sync),
+    hooks: &dyn Hooks,
+    parkable: bool,
 ) -> Result<Arrival, ServeError>
 where
     H: FnMut(Request<RequestBody>) -> Fut,
@@ -428,8 +433,10 @@ where
         };
         if !has_leftover {
             give_buf(std::mem::take(wbuf));
-            // `park_after` is below the idle timeout when set.
-            let park = park_after();
+            // Parking is for waits shorter than the idle timeout.
+            let park = hooks
+                .park_after()
+                .filter(|p| parkable && *p < settings.idle_timeout);
             let limit = park.unwrap_or(settings.idle_timeout);
             match wait_for_request(conn, stopping.as_mut(), idle.as_mut(), limit).await {
                 Wait::Data => {}
@@ -451,7 +458,7 @@ where
         // per request.
         let step = Box::into_pin(Box::write(
             Box::new_uninit(),
-            serve_request(conn, wbuf, settings, shutdown, handler, refused),
+            serve_request(conn, wbuf, settings, shutdown, handler, hooks),
         ))
         .await?;
         if let Step::Close = step {
@@ -473,7 +480,7 @@ async fn serve_request<H, Fut, B>(
     settings: &H1Settings,
     shutdown: &CancellationToken,
     handler: &mut H,
-    refused: &(dyn Fn(u16, &'static str) + Sync),
+    hooks: &dyn Hooks,
 ) -> Result<Step, ServeError>
 where
     H: FnMut(Request<RequestBody>) -> Fut,
@@ -493,7 +500,7 @@ where
                 detail = reject.detail,
                 "refused request"
             );
-            refused(reject.status.as_u16(), reject.reason);
+            hooks.refused(reject.status.as_u16(), reject.reason);
             write::write_generated(conn, wbuf, &reject)
                 .await
                 .map_err(ServeError::Io)?;

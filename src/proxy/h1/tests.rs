@@ -82,6 +82,15 @@ fn settings() -> H1Settings {
     }
 }
 
+/// Hooks that note each refused request.
+struct Refusals(Arc<std::sync::Mutex<Vec<(u16, &'static str)>>>);
+
+impl Hooks for Refusals {
+    fn refused(&self, status: u16, reason: &'static str) {
+        self.0.lock().expect("refused list").push((status, reason));
+    }
+}
+
 /// Binds 127.0.0.1:0 and serves every accepted connection with `handler`.
 async fn serve<F, Fut, B>(settings: H1Settings, handler: F) -> Server
 where
@@ -112,17 +121,14 @@ where
                     calls.fetch_add(1, Ordering::SeqCst);
                     handler(req)
                 };
-                let refused = |status, reason| {
-                    refused.lock().expect("refused list").push((status, reason));
-                };
+                let hooks = Refusals(refused);
                 let res = serve_connection_parkable(
                     stream,
                     BytesMut::new(),
                     &settings,
                     token,
                     handler,
-                    refused,
-                    || None,
+                    &hooks,
                 )
                 .await
                 .map(|_| ());
