@@ -1167,3 +1167,31 @@ async fn with_busy_poll_the_worker_polls_after_requests_and_sleeps_when_quiet() 
         );
     }
 }
+
+/// With `busy_poll_interval` the worker polls at most once per interval
+/// between requests, answers them all the same, and still stops polling
+/// once a window passes without one.
+#[tokio::test]
+async fn with_a_busy_poll_interval_the_worker_sleeps_between_polls() {
+    let a = Backend::start("a").await;
+    let proxy = start_proxy(&format!(
+        "[runtime]\nworkers = 1\nbusy_poll = \"200ms\"\nbusy_poll_interval = \"10ms\"\n{}",
+        simple_config(&[&a], "")
+    ))
+    .await;
+    let addr = proxy.listener_addr("web").expect("bound");
+    for _ in 0..2 {
+        assert_eq!(get(addr, "/").await.body, "a");
+        let started = std::time::Instant::now();
+        let turns = poller_turns_during(Duration::from_millis(50)).await;
+        // A sleep is never shorter than asked; 2 for the turns at the ends.
+        let most = started.elapsed().as_millis() as u64 / 10 + 2;
+        assert!(turns > 0 && turns <= most, "{turns} turns, at most {most}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            poller_turns_during(Duration::from_millis(100)).await,
+            0,
+            "a quiet window ends it"
+        );
+    }
+}

@@ -621,6 +621,13 @@ async fn restart_only_settings_refuse_the_reload_and_the_rest_follows_it() {
             "runtime.busy_poll",
         ),
         (
+            format!(
+                "[runtime]\nbusy_poll = \"1ms\"\nbusy_poll_interval = \"20us\"\n{}",
+                simple_config(&[&b], "")
+            ),
+            "runtime.busy_poll_interval",
+        ),
+        (
             format!("[log]\nformat = \"json\"\n{}", simple_config(&[&b], "")),
             "log.format",
         ),

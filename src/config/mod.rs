@@ -54,6 +54,9 @@ pub struct RuntimeConfig {
     /// How long a worker keeps polling for events, instead of sleeping,
     /// after its last new connection or request; zero: it sleeps at once.
     pub busy_poll: Duration,
+    /// While polling, how long a worker sleeps on a timer between two polls
+    /// that found nothing new; zero: it polls again at once (spins).
+    pub busy_poll_interval: Duration,
 }
 
 #[derive(Debug, Clone)]

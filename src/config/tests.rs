@@ -23,6 +23,7 @@ const FULL: &str = r#"
 [runtime]
 workers = 4
 busy_poll = "200us"
+busy_poll_interval = "20us"
 
 [admin]
 listen = "127.0.0.1:9902"
@@ -137,6 +138,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(config.source.path, Path::new("sluice.toml"));
     assert_eq!(config.runtime.workers, 0);
     assert_eq!(config.runtime.busy_poll, Duration::ZERO);
+    assert_eq!(config.runtime.busy_poll_interval, Duration::ZERO);
     assert_eq!(config.admin.listen, addr("127.0.0.1:9901"));
     assert_eq!(config.admin.token, None);
     assert_eq!(config.log.format, LogFormat::Text);
@@ -183,6 +185,7 @@ fn every_key_of_the_full_example_is_read() {
 
     assert_eq!(config.runtime.workers, 4);
     assert_eq!(config.runtime.busy_poll, Duration::from_micros(200));
+    assert_eq!(config.runtime.busy_poll_interval, Duration::from_micros(20));
     assert_eq!(config.admin.listen, addr("127.0.0.1:9902"));
     assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
     assert_eq!(config.log.format, LogFormat::Json);
@@ -388,6 +391,41 @@ fn busy_poll_is_a_duration() {
         error.message.contains("found integer 50"),
         "{}",
         error.message
+    );
+}
+
+#[test]
+fn busy_poll_interval_needs_a_longer_busy_poll() {
+    for (runtime, message) in [
+        (
+            "busy_poll_interval = \"20us\"",
+            "has no effect without busy_poll",
+        ),
+        (
+            "busy_poll = \"1ms\"\nbusy_poll_interval = \"1ms\"",
+            "must be shorter than busy_poll",
+        ),
+    ] {
+        let text = format!("{MINIMAL}\n[runtime]\n{runtime}\n");
+        let error = one_error(&text);
+        assert_eq!(error.path, "runtime.busy_poll_interval", "{runtime}");
+        assert!(
+            error.message.contains(message),
+            "{runtime}: {}",
+            error.message
+        );
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("busy_poll_interval"))
+            .map(|i| i + 1);
+        assert_eq!(Some(error.line), line, "{runtime}");
+    }
+    let text =
+        format!("{MINIMAL}\n[runtime]\nbusy_poll = \"1ms\"\nbusy_poll_interval = \"999us\"\n");
+    let config = parse(&text);
+    assert_eq!(
+        config.runtime.busy_poll_interval,
+        Duration::from_micros(999)
     );
 }
 

@@ -35,7 +35,7 @@ use crate::tls::{self, files};
 const ROOT_KEYS: &[&str] = &[
     "runtime", "admin", "log", "shutdown", "listener", "upstream",
 ];
-const RUNTIME_KEYS: &[&str] = &["workers", "dns_servers", "busy_poll"];
+const RUNTIME_KEYS: &[&str] = &["workers", "dns_servers", "busy_poll", "busy_poll_interval"];
 const ADMIN_KEYS: &[&str] = &["listen", "token"];
 const LOG_KEYS: &[&str] = &["format", "access_log"];
 const SHUTDOWN_KEYS: &[&str] = &["drain_delay", "grace"];
@@ -209,10 +209,22 @@ pub(super) fn config(
 
 fn runtime(t: &TableReader<'_, '_>, problems: &mut Problems) -> RuntimeConfig {
     t.reject_unknown_keys(problems, RUNTIME_KEYS, &[]);
+    let busy_poll = duration(t, problems, "busy_poll", Duration::ZERO);
+    let busy_poll_interval = duration(t, problems, "busy_poll_interval", Duration::ZERO);
+    if !busy_poll_interval.is_zero() && busy_poll_interval >= busy_poll {
+        let span = t.key_span("busy_poll_interval").unwrap_or_else(|| t.span());
+        let why = if busy_poll.is_zero() {
+            "has no effect without busy_poll: set busy_poll to a window longer than it"
+        } else {
+            "must be shorter than busy_poll"
+        };
+        problems.push(span, &t.key_path("busy_poll_interval"), why);
+    }
     RuntimeConfig {
         workers: count(t, problems, "workers", 0, 0),
         dns_servers: dns_servers(t, problems),
-        busy_poll: duration(t, problems, "busy_poll", Duration::ZERO),
+        busy_poll,
+        busy_poll_interval,
     }
 }
 

@@ -19,6 +19,14 @@
 //! piece of work like every other task, so an idle proxy sleeps as it
 //! would without the setting. The CPU it spends while polling is real:
 //! the setting trades CPU for latency and for its peers' CPU.
+//!
+//! With an interval (`runtime.busy_poll_interval`) the poller does not
+//! spin: after a turn that brought no new work it puts the worker to sleep
+//! on a timer for the interval, then lets it poll again. Data that arrives
+//! meanwhile wakes nobody, since the worker is not waiting in `epoll_wait`;
+//! it is picked up at the next poll, at the price of that much latency.
+//! The timer wakes the worker on its own CPU, so the senders pay nothing,
+//! and a sleeping worker spends no CPU.
 
 use std::cell::Cell;
 use std::future::poll_fn;
@@ -56,12 +64,14 @@ pub fn turns() -> u64 {
 }
 
 /// The poller of the worker it runs on: polls for `window` after each new
-/// piece of work, until `stop`.
-pub async fn run(window: Duration, stop: CancellationToken) {
-    stop.run_until_cancelled(poll_while_busy(window)).await;
+/// piece of work, sleeping `interval` (if not zero) after each turn
+/// without new work, until `stop`.
+pub async fn run(window: Duration, interval: Duration, stop: CancellationToken) {
+    stop.run_until_cancelled(poll_while_busy(window, interval))
+        .await;
 }
 
-async fn poll_while_busy(window: Duration) {
+async fn poll_while_busy(window: Duration, interval: Duration) {
     loop {
         let mut seen = work();
         let mut since = Instant::now();
@@ -74,6 +84,11 @@ async fn poll_while_busy(window: Duration) {
                 since = Instant::now();
             } else if since.elapsed() >= window {
                 break;
+            } else if !interval.is_zero() {
+                // Blocks the worker on purpose: it has nothing else to do
+                // (the tasks that the last poll woke have run), and
+                // sleeping here instead of in `epoll_wait` is the point.
+                std::thread::sleep(interval);
             }
         }
         // A quiet window: wait, without polling, for the next work.
@@ -103,7 +118,7 @@ mod tests {
     async fn the_poller_polls_after_work_and_sleeps_once_a_window_passes_without_any() {
         let window = Duration::from_millis(150);
         let stop = CancellationToken::new();
-        let poller = tokio::spawn(run(window, stop.clone()));
+        let poller = tokio::spawn(run(window, Duration::ZERO, stop.clone()));
         // Started: it polls for a window, then waits for work.
         assert!(turns_during(Duration::from_millis(50)).await > 0);
         tokio::time::sleep(window * 2).await;
@@ -120,10 +135,41 @@ mod tests {
             .unwrap();
     }
 
+    /// With an interval the poller sleeps between polls that find no new
+    /// work (at most one turn per interval), and still stops polling once a
+    /// window passes without work.
+    #[tokio::test]
+    async fn with_an_interval_the_poller_sleeps_between_polls() {
+        let (window, interval) = (Duration::from_millis(300), Duration::from_millis(20));
+        let stop = CancellationToken::new();
+        let poller = tokio::spawn(run(window, interval, stop.clone()));
+        let during = Duration::from_millis(100);
+        let started = Instant::now();
+        let turns = turns_during(during).await;
+        let elapsed = started.elapsed();
+        // A sleep is never shorter than asked; 2 for the turns at the ends.
+        let most = (elapsed.as_millis() / interval.as_millis()) as u64 + 2;
+        assert!(turns > 0 && turns <= most, "{turns} turns in {elapsed:?}");
+        tokio::time::sleep(window * 2).await;
+        assert_eq!(turns_during(Duration::from_millis(100)).await, 0);
+        // Without an interval, the same poller spins.
+        stop.cancel();
+        poller.await.unwrap();
+        let stop = CancellationToken::new();
+        let poller = tokio::spawn(run(window, Duration::ZERO, stop.clone()));
+        let spinning = turns_during(during).await;
+        assert!(
+            spinning > most,
+            "{spinning} turns spinning, {turns} sleeping"
+        );
+        stop.cancel();
+        poller.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_poller_stops_while_polling() {
         let stop = CancellationToken::new();
-        let poller = tokio::spawn(run(Duration::from_secs(3600), stop.clone()));
+        let poller = tokio::spawn(run(Duration::from_secs(3600), Duration::ZERO, stop.clone()));
         assert!(turns_during(Duration::from_millis(20)).await > 0);
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), poller)

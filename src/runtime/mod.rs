@@ -267,7 +267,8 @@ pub async fn run(mut config: Config) -> Result<Running, RunError> {
     let workers =
         Workers::start(workers::resolve(config.runtime.workers)).map_err(RunError::Workers)?;
     if !config.runtime.busy_poll.is_zero() {
-        workers.busy_poll(config.runtime.busy_poll);
+        let runtime = &config.runtime;
+        workers.busy_poll(runtime.busy_poll, runtime.busy_poll_interval);
     }
     let plan = listeners::plan(&[], &config.listeners, workers.len()).await?;
 

@@ -139,6 +139,9 @@ impl Control {
         if old.config.runtime.workers != new.runtime.workers {
             return Err(ReloadError::NeedsRestart("runtime.workers"));
         }
+        if old.config.runtime.busy_poll_interval != new.runtime.busy_poll_interval {
+            return Err(ReloadError::NeedsRestart("runtime.busy_poll_interval"));
+        }
         if old.config.runtime.busy_poll != new.runtime.busy_poll {
             return Err(ReloadError::NeedsRestart("runtime.busy_poll"));
         }

@@ -94,11 +94,11 @@ impl Workers {
         Ok(Workers { handles, stop })
     }
 
-    /// Starts each worker's poller (`runtime.busy_poll`); they stop with
-    /// the workers.
-    pub fn busy_poll(&self, window: Duration) {
+    /// Starts each worker's poller (`runtime.busy_poll` and
+    /// `busy_poll_interval`); they stop with the workers.
+    pub fn busy_poll(&self, window: Duration, interval: Duration) {
         for handle in &self.handles {
-            handle.spawn(busy_poll::run(window, self.stop.clone()));
+            handle.spawn(busy_poll::run(window, interval, self.stop.clone()));
         }
     }
 
