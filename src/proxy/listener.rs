@@ -688,7 +688,7 @@ async fn serve_h1<T: h1::Transport>(
         }
         response
     };
-    let hooks = H1Hooks { ctx, info };
+    let hooks = ConnHooks { ctx, info };
     let close = ctx.close.clone();
     match h1::serve_connection_parkable(stream, first, &ctx.settings, close, handler, &hooks).await
     {
@@ -701,13 +701,13 @@ async fn serve_h1<T: h1::Transport>(
     }
 }
 
-/// What the HTTP/1 codec asks of a listener's connection and tells it.
-struct H1Hooks<'a> {
+/// What the HTTP codecs ask of a listener's connection and tell it.
+struct ConnHooks<'a> {
     ctx: &'a ListenerCtx,
     info: &'a ConnInfo,
 }
 
-impl h1::Hooks for H1Hooks<'_> {
+impl h1::Hooks for ConnHooks<'_> {
     /// From the listener's open and parked connections, on every worker.
     fn park_after(&self) -> Option<Duration> {
         self.ctx.parking.as_ref()?;
@@ -791,7 +791,7 @@ async fn serve_h2<S: h1::Transport>(
     let shared = &ctx.shared;
     let handler =
         |req: http::Request<h2::RequestBody>| handle(shared, info, req.map(RequestBody::H2));
-    let refused = |status, reason| record_refused(shared, info, status, reason);
+    let hooks = ConnHooks { ctx, info };
     let settings = h2::H2Settings {
         max_header_list: ctx.settings.max_head_bytes,
         max_headers: ctx.settings.max_headers,
@@ -799,8 +799,7 @@ async fn serve_h2<S: h1::Transport>(
         ..h2::H2Settings::default()
     };
     let close = ctx.close.clone();
-    if let Err(err) = h2::serve_connection(stream, first, &settings, close, handler, refused).await
-    {
+    if let Err(err) = h2::serve_connection(stream, first, &settings, close, handler, &hooks).await {
         tracing::debug!(error = %err, "h2 connection ended with an error");
     }
 }

@@ -277,8 +277,9 @@ where
         .map(|_| ())
 }
 
-/// What [`serve_connection_parkable`] asks of its caller, and tells it,
-/// besides the requests themselves. `()` never parks and hears nothing.
+/// What [`serve_connection_parkable`] (and the HTTP/2 codec's
+/// `serve_connection`, which never parks) asks of its caller, and tells
+/// it, besides the requests themselves. `()` never parks and hears nothing.
 pub trait Hooks: Sync {
     /// How long a connection may wait for its next request before it is
     /// handed back as [`Ended::Parked`]; `None` never. Asked each time the

@@ -28,7 +28,7 @@ use super::hpack;
 use super::{Error, H2Settings, RESET_ALLOWANCE, WRITE_HIGH};
 use crate::proxy::buffers;
 use crate::proxy::error::BoxError;
-use crate::proxy::h1::{ResponseFields, Transport};
+use crate::proxy::h1::{Hooks, ResponseFields, Transport};
 
 /// How long the last frames (a GOAWAY) may take to leave.
 const LAST_WRITE: Duration = Duration::from_secs(1);
@@ -38,8 +38,8 @@ const ROUNDS_PER_POLL: usize = 16;
 
 /// Serves an HTTP/2 connection whose first bytes (`first`, possibly
 /// empty) were already read: `handler` answers each request, and
-/// `refused(status, reason)` hears of each request refused before it (a
-/// malformed one counts as 400). Returns when both sides are done, the
+/// [`Hooks::refused`] hears of each request refused before it (a
+/// malformed one counts as 400); an HTTP/2 connection is never parked. Returns when both sides are done, the
 /// client goes away, or `close` is cancelled and the open streams finish.
 pub async fn serve_connection<T, H, F, B>(
     io: T,
@@ -47,7 +47,7 @@ pub async fn serve_connection<T, H, F, B>(
     settings: &H2Settings,
     close: CancellationToken,
     handler: H,
-    refused: impl Fn(u16, &'static str),
+    hooks: &dyn Hooks,
 ) -> Result<(), Error>
 where
     T: Transport,
@@ -75,7 +75,7 @@ where
                     Poll::Pending => false,
                 };
                 for (status, reason) in conn.refused.drain(..) {
-                    refused(status, reason);
+                    hooks.refused(status, reason);
                 }
                 for (id, shared, request) in conn.started.drain(..) {
                     running.push(StreamTask {
