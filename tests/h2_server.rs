@@ -985,8 +985,12 @@ async fn a_reset_stream_abandons_its_backend_request_and_the_connection_keeps_se
 /// Sends `bytes` (a malformed request on stream 1) on a new h2c connection:
 /// the stream must be reset with PROTOCOL_ERROR or answered with a 4xx,
 /// the backend must not see it, and a valid request on stream 3 of the same
-/// connection must still be answered.
-async fn assert_malformed_request_refused(bytes: Vec<u8>) {
+/// connection must still be answered. A request refused by the codec
+/// (`refused_by_codec`: its head is malformed) is counted as a 4xx without
+/// an upstream by the time the client sees the outcome; one whose body
+/// turns out malformed after it was handed on is reset, never answered,
+/// and counted as nothing.
+async fn assert_malformed_request_refused(bytes: Vec<u8>, refused_by_codec: bool) {
     let backend = Backend::start("a").await;
     let proxy = start_proxy(&simple_config(&[&backend], "")).await;
     let addr = proxy.listener_addr("web").expect("web");
@@ -1003,6 +1007,10 @@ async fn assert_malformed_request_refused(bytes: Vec<u8>) {
             raw.seen
         ),
     }
+    let text = admin_get(&proxy, "/metrics").await.body;
+    let refused = "sluice_http_requests_total{code=\"4xx\",listener=\"web\",upstream=\"\"} ";
+    let counted = if refused_by_codec { 1.0 } else { 0.0 };
+    assert_eq!(metric(&text, refused), Some(counted), "{text}");
     raw.send(&headers(3, &get_fields("/"), true)).await;
     assert_eq!(
         raw.outcome(3).await,
@@ -1020,14 +1028,14 @@ async fn assert_malformed_request_refused(bytes: Vec<u8>) {
 async fn an_upper_case_field_name_is_refused_and_not_forwarded() {
     let mut fields = get_fields("/");
     fields.push(("X-Upper", "1"));
-    assert_malformed_request_refused(headers(1, &fields, true)).await;
+    assert_malformed_request_refused(headers(1, &fields, true), true).await;
 }
 
 #[tokio::test]
 async fn a_connection_specific_field_is_refused_and_not_forwarded() {
     let mut fields = get_fields("/");
     fields.push(("connection", "keep-alive"));
-    assert_malformed_request_refused(headers(1, &fields, true)).await;
+    assert_malformed_request_refused(headers(1, &fields, true), true).await;
 }
 
 #[tokio::test]
@@ -1037,14 +1045,14 @@ async fn a_request_without_path_is_refused_and_not_forwarded() {
         (":scheme", "http"),
         (":authority", "h2.test"),
     ];
-    assert_malformed_request_refused(headers(1, &fields, true)).await;
+    assert_malformed_request_refused(headers(1, &fields, true), true).await;
 }
 
 #[tokio::test]
 async fn te_other_than_trailers_is_refused_and_not_forwarded() {
     let mut fields = get_fields("/");
     fields.push(("te", "gzip"));
-    assert_malformed_request_refused(headers(1, &fields, true)).await;
+    assert_malformed_request_refused(headers(1, &fields, true), true).await;
 }
 
 /// `content-length: 10` and then 5 bytes of DATA that end the stream, in
@@ -1060,7 +1068,7 @@ async fn a_content_length_that_disagrees_with_the_data_is_refused_and_not_forwar
     ];
     let mut bytes = headers(1, &fields, false);
     bytes.extend(frame(DATA, END_STREAM, 1, b"hello"));
-    assert_malformed_request_refused(bytes).await;
+    assert_malformed_request_refused(bytes, false).await;
 }
 
 // ---------------------------------------------------------------------------
