@@ -1145,11 +1145,8 @@ async fn poller_turns_during(during: Duration) -> u64 {
 #[tokio::test]
 async fn with_busy_poll_the_worker_polls_after_requests_and_sleeps_when_quiet() {
     let a = Backend::start("a").await;
-    let proxy = start_proxy(&format!(
-        "[runtime]\nworkers = 1\nbusy_poll = \"100ms\"\n{}",
-        simple_config(&[&a], "")
-    ))
-    .await;
+    let runtime = "workers = 1\nbusy_poll = \"100ms\"";
+    let proxy = start_proxy(&with_runtime(runtime, &simple_config(&[&a], ""))).await;
     let addr = proxy.listener_addr("web").expect("bound");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(poller_turns_during(Duration::from_millis(100)).await, 0);
@@ -1174,11 +1171,8 @@ async fn with_busy_poll_the_worker_polls_after_requests_and_sleeps_when_quiet() 
 #[tokio::test]
 async fn with_a_busy_poll_interval_the_worker_sleeps_between_polls() {
     let a = Backend::start("a").await;
-    let proxy = start_proxy(&format!(
-        "[runtime]\nworkers = 1\nbusy_poll = \"200ms\"\nbusy_poll_interval = \"10ms\"\n{}",
-        simple_config(&[&a], "")
-    ))
-    .await;
+    let runtime = "workers = 1\nbusy_poll = \"200ms\"\nbusy_poll_interval = \"10ms\"";
+    let proxy = start_proxy(&with_runtime(runtime, &simple_config(&[&a], ""))).await;
     let addr = proxy.listener_addr("web").expect("bound");
     for _ in 0..2 {
         assert_eq!(get(addr, "/").await.body, "a");

@@ -610,20 +610,17 @@ async fn restart_only_settings_refuse_the_reload_and_the_rest_follows_it() {
     for (text, what) in [
         (other_admin, "admin.listen"),
         (
-            format!("[runtime]\nworkers = 3\n{}", simple_config(&[&b], "")),
+            with_workers(3, &simple_config(&[&b], "")),
             "runtime.workers",
         ),
         (
-            format!(
-                "[runtime]\nbusy_poll = \"50us\"\n{}",
-                simple_config(&[&b], "")
-            ),
+            with_runtime("busy_poll = \"50us\"", &simple_config(&[&b], "")),
             "runtime.busy_poll",
         ),
         (
-            format!(
-                "[runtime]\nbusy_poll = \"1ms\"\nbusy_poll_interval = \"20us\"\n{}",
-                simple_config(&[&b], "")
+            with_runtime(
+                "busy_poll = \"1ms\"\nbusy_poll_interval = \"20us\"",
+                &simple_config(&[&b], ""),
             ),
             "runtime.busy_poll_interval",
         ),

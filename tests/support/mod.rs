@@ -502,7 +502,12 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
 
 /// `config` with `runtime.workers` set (`config` must have no `[runtime]`).
 pub fn with_workers(workers: usize, config: &str) -> String {
-    format!("[runtime]\nworkers = {workers}\n\n{config}")
+    with_runtime(&format!("workers = {workers}"), config)
+}
+
+/// `config` with a `[runtime]` table of `keys` (`config` must have none).
+pub fn with_runtime(keys: &str, config: &str) -> String {
+    format!("[runtime]\n{keys}\n\n{config}")
 }
 
 /// `sluice_worker_connections_total` of each of the first `workers`
