@@ -122,21 +122,17 @@ async fn bytes_flow_both_ways_and_sessions_are_counted() {
     // The session ends once both directions have closed.
     let closed = in_flight.replace("} 1", "} 0");
     let m = wait_metrics(&proxy, |m| m.contains(&closed)).await;
-    assert!(
-        m.contains("sluice_tcp_bytes_total{direction=\"rx\",listener=\"l4\"} 14"),
-        "{m}"
+    let backend = echo.addr;
+    let success = format!(
+        "sluice_upstream_requests_total{{backend=\"{backend}\",outcome=\"success\",upstream=\"app\"}} 1"
     );
-    assert!(
-        m.contains("sluice_tcp_bytes_total{direction=\"tx\",listener=\"l4\"} 14"),
-        "{m}"
-    );
-    assert!(
-        m.contains(&format!(
-        "sluice_upstream_requests_total{{backend=\"{}\",outcome=\"success\",upstream=\"app\"}} 1",
-        echo.addr
-    )),
-        "{m}"
-    );
+    for line in [
+        "sluice_tcp_bytes_total{direction=\"rx\",listener=\"l4\"} 14",
+        "sluice_tcp_bytes_total{direction=\"tx\",listener=\"l4\"} 14",
+        &success,
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
 }
 
 #[tokio::test]
